@@ -37,7 +37,7 @@ def vllm_aux_id_to_dspark(aux_id: int) -> int:
 def default_layer_ids(num_hidden_layers: int, n: int) -> list[int]:
     """``n`` ids evenly spaced from 1 to N-3 (``[1, 9, 17, 25, 33]`` for N=36, n=5)."""
     lo, hi = 1, num_hidden_layers - 3
-    if hi < lo:  # very shallow targets (tests): spread over what exists
+    if hi - lo + 1 < n:  # very shallow targets (tests): spread over every layer
         lo, hi = 0, num_hidden_layers - 1
     if n == 1:
         return [hi]
