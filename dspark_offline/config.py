@@ -152,6 +152,9 @@ class EvaluateConfig(_Section):
     )
     seed: int = Field(0, description="Seed of sampling at temperature > 0.")
     output: str = Field("runs/default/eval.json", description="Metrics JSON (DVC metrics).")
+    per_slot_output: str = Field(
+        "runs/default/eval_per_slot.tsv", description="Per-slot acceptance rates as TSV (DVC plot)."
+    )
 
 
 class Params(_Section):

@@ -1,0 +1,215 @@
+"""The `dspark-offline` command line.
+
+Each command builds a `Params` (params file + `--set section.field=value` overrides + its own
+options) and makes one library call; heavy imports happen inside the commands so `--help` is
+instant. Every stage is therefore also a plain library call: `dspark_offline.<stage>.run(params)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from dspark_offline.config import Params, load_params
+
+app = typer.Typer(
+    help="Train DSpark speculative-decoding drafters offline: prepare -> dump -> train -> export -> evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--params",
+        "-p",
+        help="params.yaml to read (default: ./params.yaml when present, else built-in defaults).",
+    ),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-S", help="Override a parameter: section.field=value (YAML value). Repeatable."),
+]
+
+
+class CliError(Exception):
+    """A user error reported as one line and exit code 2."""
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, eq, raw = item.partition("=")
+        if not eq or "." not in key:
+            raise CliError(f"--set {item!r}: expected section.field=value, e.g. train.learning_rate=3e-4")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def build_params(params_file: Path | None, sets: list[str] | None, **options: Any) -> Params:
+    """params file -> `--set` overrides -> command options (those not None), validated once."""
+    if params_file is None and Path("params.yaml").exists():
+        params_file = Path("params.yaml")
+    overrides = _parse_sets(sets)
+    overrides.update({k: v for k, v in options.items() if v is not None})
+    try:
+        return load_params(params_file, overrides)
+    except ValidationError as e:
+        raise CliError(f"invalid parameters ({params_file or 'defaults'}):\n{e}") from e
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def _entry_env() -> None:
+    # Set in the entry point only, never at import time (DeepSpeed/torch read these at init).
+    os.environ.setdefault("OMP_NUM_THREADS", "1" if (os.cpu_count() or 1) <= 2 else str(os.cpu_count()))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def prepare(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    source: Annotated[Optional[str], typer.Option(help="Conversations file or 'embedded:sharegpt'.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Prepared-data directory.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Training samples to keep.")] = None,
+) -> None:
+    """Render conversations with the target's chat template into token ids + loss mask."""
+    _entry_env()
+    p = build_params(
+        params, set_, **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples}
+    )
+    from dspark_offline.data.prepare import run
+
+    run(p)
+
+
+@app.command()
+def dump(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    store: Annotated[Optional[str], typer.Option(help="Feature store path or fsspec URL.")] = None,
+    num_parts: Annotated[Optional[int], typer.Option(help="Total parts (= workers).")] = None,
+    part_index: Annotated[Optional[int], typer.Option(help="The part this worker writes (default: all).")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
+) -> None:
+    """Run the target once over the prepared data and write the Zarr feature store (resumable)."""
+    _entry_env()
+    p = build_params(
+        params,
+        set_,
+        **{"dump.store": store, "dump.num_parts": num_parts, "dump.part_index": part_index, "dump.overwrite": overwrite},
+    )
+    from dspark_offline.dump import run
+
+    run(p)
+
+
+@app.command()
+def train(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    store: Annotated[Optional[str], typer.Option(help="Feature store to train from.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Run directory.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+) -> None:
+    """Train the drafter from the store with DeepSpeed ZeRO-2 (also under torchrun / deepspeed)."""
+    _entry_env()
+    p = build_params(
+        params,
+        set_,
+        **{"dump.store": store, "train.output_dir": output_dir, "train.max_steps": max_steps, "train.resume": resume},
+    )
+    from dspark_offline.train.loop import run
+
+    run(p)
+
+
+@app.command()
+def export(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint dir (default: latest).")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Serving directory to write.")] = None,
+) -> None:
+    """Write the serving directory (config.json + model.safetensors) SGLang's DSpark loader reads."""
+    _entry_env()
+    p = build_params(params, set_, **{"export.checkpoint": checkpoint, "export.output": output})
+    from dspark_offline.train.export import run
+
+    run(p)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    drafter: Annotated[Optional[str], typer.Option(help="Exported drafter directory.")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="Held-out prompts to decode.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+) -> None:
+    """Speculative decoding with the target + drafter: acceptance length, per-slot rates, losslessness."""
+    _entry_env()
+    p = build_params(
+        params,
+        set_,
+        **{"evaluate.drafter": drafter, "evaluate.num_prompts": num_prompts, "evaluate.temperature": temperature},
+    )
+    from dspark_offline.evaluate import run
+
+    result = run(p)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def inspect(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
+    """Print the store manifest and per-part counts (samples, tokens, bytes/token, completeness)."""
+    from dspark_offline.store.inspect import format_inspect, inspect as inspect_store
+
+    typer.echo(format_inspect(inspect_store(store)))
+
+
+@app.command()
+def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
+    """Read every shard back; report missing/corrupt shards and incomplete parts (non-zero exit)."""
+    from dspark_offline.store.inspect import verify as verify_store
+
+    problems = verify_store(store)
+    for problem in problems:
+        typer.echo(f"PROBLEM: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{store}: OK")
+
+
+@app.command("params")
+def show_params(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Print the effective parameters (file + overrides + defaults) as YAML."""
+    p = build_params(params, set_)
+    typer.echo(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    """Console entry point: user errors (ours, or a missing file) become one line + exit code 2."""
+    try:
+        app()
+    except CliError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except Exception as e:
+        if type(e).__module__.startswith("dspark_offline") or isinstance(e, FileNotFoundError):
+            typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+            raise SystemExit(2) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""CLI surface: each command parses its options and makes exactly one library call."""
+
+import sys
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from dspark_offline import cli
+from dspark_offline.config import Params
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def capture(monkeypatch, tmp_path):
+    """Replace a stage module by a fake whose run(params) records what it got."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: built-in defaults
+    got = {}
+
+    def install(module_name):
+        fake = types.ModuleType(module_name)
+        fake.run = lambda params: got.setdefault("params", params) and {}
+        monkeypatch.setitem(sys.modules, module_name, fake)
+
+    return install, got
+
+
+@pytest.mark.parametrize(
+    "argv, module, expected",
+    [
+        (["prepare", "--num-samples", "12", "--source", "x.jsonl"], "dspark_offline.data.prepare",
+         {"prepare": {"num_samples": 12, "source": "x.jsonl"}}),
+        (["dump", "--num-parts", "4", "--part-index", "3", "--overwrite"], "dspark_offline.dump",
+         {"dump": {"num_parts": 4, "part_index": 3, "overwrite": True}}),
+        (["train", "--store", "s.zarr", "--max-steps", "5", "--resume", "-S", "train.learning_rate=1e-3"],
+         "dspark_offline.train.loop",
+         {"dump": {"store": "s.zarr"}, "train": {"max_steps": 5, "resume": True, "learning_rate": 1e-3}}),
+        (["export", "--output", "out"], "dspark_offline.train.export", {"export": {"output": "out"}}),
+        (["evaluate", "--temperature", "0.7", "--num-prompts", "3"], "dspark_offline.evaluate",
+         {"evaluate": {"temperature": 0.7, "num_prompts": 3}}),
+    ],
+)
+def test_command_passes_exact_params(capture, argv, module, expected):
+    install, got = capture
+    install(module)
+    result = runner.invoke(cli.app, argv)
+    assert result.exit_code == 0, result.output
+    assert got["params"] == Params.model_validate(expected)
+
+
+def test_params_file_then_set_then_option(capture, tmp_path):
+    install, got = capture
+    install("dspark_offline.train.loop")
+    (tmp_path / "p.yaml").write_text("train:\n  max_steps: 7\n  learning_rate: 0.5\n")
+    result = runner.invoke(cli.app, ["train", "-p", "p.yaml", "-S", "train.max_steps=9", "--max-steps", "11"])
+    assert result.exit_code == 0, result.output
+    assert got["params"].train.max_steps == 11 and got["params"].train.learning_rate == 0.5
+
+
+def test_bad_override_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dspark-offline", "params", "-S", "train.nope=1"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    assert "train.nope" in capsys.readouterr().err
