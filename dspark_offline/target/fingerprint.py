@@ -1,0 +1,85 @@
+"""Cheap, stable fingerprints of a target: weights, tokenizer, chat template.
+
+They go into the store manifest so that a store (and a prepared data set) can be checked against
+the target it was made with, without loading it.
+
+``weights_hash`` is *sampled*, not a full hash, because targets are tens to hundreds of GB and the
+dump must not spend minutes reading them twice. Per weight file (sorted by name) it hashes: the
+file name, its size, the safetensors JSON header (every tensor's name, dtype, shape and offsets)
+and 16 blocks of 64 KiB evenly spaced through the file. A different architecture, dtype or
+shape changes the header; a fine-tune changes every tensor and therefore the sampled blocks.
+A change confined to bytes between the sampled blocks is not detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK_BYTES = 64 * 1024
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    # Prefer safetensors when both formats are present (from_pretrained does the same).
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def _safetensors_header(f, path: Path) -> bytes:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{path}: truncated safetensors file (no header length)")
+    (n,) = struct.unpack("<Q", raw)
+    header = f.read(n)
+    if len(header) != n:
+        raise ValueError(f"{path}: truncated safetensors header ({len(header)} of {n} bytes)")
+    json.loads(header)  # a corrupt header is an error now, not a silently different hash
+    return header
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """Sampled sha256 (16 hex chars) of the model's weight files; see module docstring."""
+    model_dir = Path(model_dir)
+    files = _weight_files(model_dir)
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                h.update(_safetensors_header(f, path))
+            for k in range(SAMPLE_BLOCKS):
+                f.seek(k * max(0, size - SAMPLE_BLOCK_BYTES) // max(1, SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()[:16]
+
+
+def tokenizer_hashes(tokenizer) -> tuple[str, str]:
+    """``(tokenizer_hash, chat_template_hash)``, 16 hex chars each.
+
+    The tokenizer hash covers what decides token ids: for fast tokenizers the full serialised
+    ``tokenizer.json`` (model, normaliser, pre-tokeniser, added tokens); otherwise the sorted
+    vocabulary plus added tokens. The chat template hash covers the template text (all named
+    templates when it is a dict); a tokenizer without one hashes the empty string.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:
+        payload = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(
+            sorted(tokenizer.get_added_vocab().items())
+        )
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return (
+        hashlib.sha256(payload.encode()).hexdigest()[:16],
+        hashlib.sha256(template.encode()).hexdigest()[:16],
+    )
