@@ -1,0 +1,209 @@
+"""The DSpark drafter: DFlash backbone + Markov head + confidence head (DESIGN §4).
+
+One forward drafts a whole block: the block input is `[x[a], MASK × (B−1)]` embedded with the
+frozen target embedding at positions a..a+B−1, attending to the target context of positions
+< a and to itself. Slot j's output predicts x[a+j+1] (the "all-slots" convention SGLang's
+DSpark loader and DeepSpec use; a drafter trained with another slot convention is useless when
+served).
+
+The target `embed_tokens`/`lm_head` are frozen, non-persistent buffers: never trained, never in
+`state_dict()` (so neither in DeepSpeed checkpoints nor in the serving export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .attention_mask import block_attention_mask
+from .config import DraftModelConfig
+from .heads import HEAD_INIT_STD, ConfidenceHead, MarkovHead
+from .layers import DraftDecoderLayer, RMSNorm, rope_cos_sin
+
+
+@dataclass
+class DraftOutput:
+    """Training forward of a batch of blocks (Bt rows, A blocks per row, B slots per block)."""
+
+    hidden: torch.Tensor  # [Bt, A, B, H] final-norm draft states, slot j predicts x[a+j+1]
+    block_ids: torch.Tensor  # [Bt, A, B] int64 block input tokens [x[a], MASK, ...]
+    positions: torch.Tensor  # [Bt, A, B] int64 RoPE positions a..a+B-1
+
+
+class DraftBlock(NamedTuple):
+    """One inference block, sampled left to right through the Markov head (unpacks as a tuple)."""
+
+    tokens: torch.Tensor  # [B] int64 drafted tokens; tokens[j] is the guess for x[a+j+1]
+    confidence_logits: torch.Tensor | None  # [B] float32 (None without a confidence head)
+    probs: torch.Tensor  # [B, V] float32 draft distribution each token was sampled from
+
+
+class DSparkDraft(nn.Module):
+    def __init__(self, cfg: DraftModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.layers = nn.ModuleList([DraftDecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.fc = nn.Linear(cfg.num_context_layers * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.markov_head = MarkovHead(cfg.vocab_size, cfg.markov_rank) if cfg.markov_head else None
+        self.confidence_head = (
+            ConfidenceHead(h, cfg.markov_rank, with_markov=cfg.markov_head) if cfg.confidence_head else None
+        )
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear) and not name.startswith(("markov_head", "confidence_head")):
+                nn.init.normal_(mod.weight, std=HEAD_INIT_STD)
+        self.register_buffer("embed_weight", None, persistent=False)  # [V, H] frozen target embedding
+        self.register_buffer("lm_head_weight", None, persistent=False)  # [V, H] frozen target head
+
+    # ---------------------------------------------------------------- frozen target head
+    def set_target_head(self, embed_tokens: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module) -> None:
+        """Attach the target's embedding and lm_head (tensors [V, H] or Embedding/Linear)."""
+        emb = embed_tokens.weight if isinstance(embed_tokens, nn.Module) else embed_tokens
+        head = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+        want = (self.cfg.vocab_size, self.cfg.hidden_size)
+        for name, w in (("embed_tokens", emb), ("lm_head", head)):
+            if tuple(w.shape) != want:
+                raise ValueError(f"target {name} has shape {tuple(w.shape)}, the drafter expects {want} (V, H)")
+        dtype, dev = self.fc.weight.dtype, self.fc.weight.device
+        self.embed_weight = emb.detach().to(device=dev, dtype=dtype)
+        self.lm_head_weight = head.detach().to(device=dev, dtype=dtype)
+
+    def _require_head(self) -> None:
+        if self.embed_weight is None or self.lm_head_weight is None:
+            raise RuntimeError("DSparkDraft has no target embedding/lm_head: call set_target_head(embed, lm_head)")
+
+    # ---------------------------------------------------------------- building blocks
+    def context(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Target layer states [Bt, T, L, H] -> ctx [Bt, T, H] = hidden_norm(fc(concat_L))."""
+        if hidden.shape[-2:] != (self.cfg.num_context_layers, self.cfg.hidden_size):
+            raise ValueError(
+                f"target hidden states have shape {tuple(hidden.shape)}; expected [..., L={self.cfg.num_context_layers}, "
+                f"H={self.cfg.hidden_size}] (layer ids {list(self.cfg.target_layer_ids)})"
+            )
+        flat = hidden.flatten(-2).to(self.fc.weight.dtype)  # [Bt, T, L·H], layer-major concat
+        return self.hidden_norm(self.fc(flat))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., H]
+        self._require_head()
+        return nn.functional.embedding(ids, self.embed_weight)
+
+    def backbone(
+        self,
+        block_embeds: torch.Tensor,  # [Bt, Q, H]
+        block_positions: torch.Tensor,  # [Bt, Q] int64
+        ctx: torch.Tensor,  # [Bt, T, H]
+        ctx_positions: torch.Tensor,  # [Bt, T] int64
+        mask: torch.Tensor,  # [Bt, Q, T+Q] bool
+    ) -> torch.Tensor:  # [Bt, Q, H] final-norm states
+        dtype = block_embeds.dtype
+        # RoPE frequencies are recomputed in fp32 each call (not a buffer: a bf16 cast of the
+        # module would round them and shift every position)
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (
+            torch.arange(0, hd, 2, dtype=torch.float32, device=block_embeds.device) / hd
+        )  # [hd/2]
+        rope_q = rope_cos_sin(block_positions, inv_freq, dtype)
+        rope_ctx = rope_cos_sin(ctx_positions, inv_freq, dtype)
+        x = block_embeds
+        for layer in self.layers:
+            x = layer(x, ctx, rope_q, rope_ctx, mask)
+        return self.norm(x)
+
+    def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
+        """Draft logits [..., V] float32 = lm_head(h) (+ W2(W1[prev]) with the Markov head)."""
+        self._require_head()
+        logits = (hidden.to(self.lm_head_weight.dtype) @ self.lm_head_weight.T).float()
+        if self.markov_head is not None:
+            logits = logits + self.markov_head.bias(prev_ids).float()
+        return logits
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
+        """Confidence logits [...] float32 on [h ; W1[prev]] (None without the head)."""
+        if self.confidence_head is None:
+            return None
+        prev_emb = self.markov_head.prev_embedding(prev_ids) if self.markov_head is not None else None
+        return self.confidence_head(hidden, prev_emb).float()
+
+    # ---------------------------------------------------------------- training forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [Bt, S] int64
+        hidden: torch.Tensor,  # [Bt, S, L, H] target layer states
+        anchors: torch.Tensor,  # [Bt, A] int64
+        keep: torch.Tensor,  # [Bt, A] bool
+    ) -> DraftOutput:
+        bt, s = input_ids.shape
+        a, b = anchors.shape[1], self.cfg.block_size
+        ctx = self.context(hidden)  # [Bt, S, H]
+        offs = torch.arange(b, device=input_ids.device)
+        positions = anchors[:, :, None] + offs  # [Bt, A, B]
+        block_ids = torch.full_like(positions, self.cfg.mask_token_id)
+        block_ids[:, :, 0] = torch.gather(input_ids, 1, anchors)  # x[a]
+        embeds = self.embed(block_ids).flatten(1, 2).to(ctx.dtype)  # [Bt, A·B, H]
+        ctx_pos = torch.arange(s, device=input_ids.device).expand(bt, s)  # [Bt, S]
+        mask = block_attention_mask(anchors, keep, s, b)  # [Bt, A·B, S+A·B]
+        out = self.backbone(embeds, positions.flatten(1), ctx, ctx_pos, mask)  # [Bt, A·B, H]
+        return DraftOutput(hidden=out.view(bt, a, b, -1), block_ids=block_ids, positions=positions)
+
+    # ---------------------------------------------------------------- inference
+    @torch.no_grad()
+    def draft_block(
+        self,
+        ctx: torch.Tensor,  # [1, T, H] from context(); only positions < start_position are used
+        ctx_positions: torch.Tensor,  # [T] int64 positions of the ctx rows
+        last_token: int | torch.Tensor,  # x[a]: the last accepted token, first block input
+        start_position: int,  # a: position of last_token
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> DraftBlock:
+        """Draft one block: one backbone forward, then sample slots left to right.
+
+        Slot 0 uses prev = last_token, slot j uses the token sampled at slot j−1 (exactly how
+        the Markov head was teacher-forced). At temperature 0 the token is the argmax and
+        `probs` is its one-hot (the drafter is deterministic, which greedy verification
+        assumes); at T > 0 `probs[j] = softmax(logits_j / T)`, the distribution rejection
+        sampling needs.
+        """
+        b, dev = self.cfg.block_size, ctx.device
+        last = torch.as_tensor(last_token, dtype=torch.int64, device=dev).reshape(1)
+        positions = (start_position + torch.arange(b, device=dev))[None]  # [1, B]
+        ids = torch.full((1, b), self.cfg.mask_token_id, dtype=torch.int64, device=dev)
+        ids[0, 0] = last[0]
+        anchors = torch.tensor([[start_position]], device=dev)
+        keep = torch.ones(1, 1, dtype=torch.bool, device=dev)
+        pos = ctx_positions.to(dev).reshape(1, -1)  # [1, T]
+        mask = block_attention_mask(anchors, keep, pos.shape[1], b, ctx_positions=pos)  # [1, B, T+B]
+        h = self.backbone(self.embed(ids).to(ctx.dtype), positions, ctx, pos, mask)[0]  # [B, H]
+        tokens, probs, conf = [], [], []
+        prev = last
+        for j in range(b):
+            logits = self.block_logits(h[j : j + 1], prev)[0]  # [V]
+            c = self.confidence_logits(h[j : j + 1], prev)
+            if temperature > 0:
+                p = torch.softmax(logits / temperature, dim=-1)
+                tok = _sample(p, generator)
+            else:
+                tok = logits.argmax().reshape(1)
+                p = torch.zeros_like(logits).scatter_(0, tok, 1.0)
+            tokens.append(tok)
+            probs.append(p)
+            if c is not None:
+                conf.append(c)
+            prev = tok
+        return DraftBlock(
+            tokens=torch.cat(tokens),
+            confidence_logits=torch.cat(conf) if conf else None,
+            probs=torch.stack(probs),
+        )
+
+
+def _sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:  # [V] -> [1]
+    """Multinomial draw on the generator's device (a CPU generator works for a CUDA model)."""
+    if generator is not None and generator.device != p.device:
+        return torch.multinomial(p.to(generator.device), 1, generator=generator).to(p.device)
+    return torch.multinomial(p, 1, generator=generator)

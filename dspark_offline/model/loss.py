@@ -1,0 +1,194 @@
+"""The DSpark training objective (DESIGN §4 items 3–11): one public pure function.
+
+`dspark_loss(model, batch, anchors, keep, loss_cfg, dp_group)` runs the drafter forward on the
+given anchors, builds labels / eval mask / weights, computes CE + L1 distillation against the
+cached target distribution + confidence BCE in chunks of blocks, and normalises by the
+data-parallel token weight so DeepSpeed's gradient averaging yields a token-pooled mean.
+
+Batch (right-padded): `input_ids [Bt,S] int64`, `loss_mask [Bt,S] bool`, `lengths [Bt]`,
+`hidden [Bt,S,L,H]`, `topk_ids [Bt,S,K]`, `topk_probs [Bt,S,K] float32`, optional
+`final_hidden [Bt,S,H]` (post-final-norm, needed by `l1_mode="exact"`).
+
+`loss_cfg` is anything with the `config.TrainConfig` fields `ce_weight`, `l1_weight`,
+`confidence_weight`, `gamma`, `l1_mode`, `chunk_blocks` (a `TrainConfig` itself, or `LossConfig`).
+
+Acceptance proxy: `accept_j = clamp(1 − L1_j/2, 0, 1)` is the min(q, p) overlap, i.e. the
+probability that rejection sampling accepts slot j given slots < j were accepted. It is the
+confidence head's target and the factor of `tau_probabilistic`. In `topk` mode L1 is a lower
+bound of the exact L1, so accept_j (and tau) is an optimistic estimate; `exact` mode is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss knobs (same names and defaults as `config.TrainConfig`)."""
+
+    ce_weight: float = 0.1
+    l1_weight: float = 0.9
+    confidence_weight: float = 1.0
+    gamma: float = 4.0
+    l1_mode: str = "topk"
+    chunk_blocks: int = 256
+
+
+def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, loss_cfg,
+                dp_group=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return (loss, metrics). anchors/keep [Bt, A] from `sample_anchors` (or fixed by a test).
+
+    loss = world · (α_ce ΣCE·w + α_l1 ΣL1·w + α_conf ΣBCE·w) / allreduce(Σw) over `dp_group`.
+    metrics: ce, l1, conf (local weighted means), accuracy, acc_slot{j}, tau_probabilistic,
+    tokens (Σ eval mask), weight (Σw), blocks (valid blocks).
+    """
+    core = getattr(model, "module", model)  # DeepSpeed engine -> the DSparkDraft inside
+    b = core.cfg.block_size
+    _check_batch(batch, loss_cfg)
+    out = model(batch["input_ids"], batch["hidden"], anchors, keep)  # hidden [Bt, A, B, H]
+    tg = _block_targets(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep, b, loss_cfg.gamma)
+
+    # only blocks with at least one supervised slot cost logits (slot 0 valid <=> any valid)
+    bi, ai = tg["eval"][:, :, 0].nonzero(as_tuple=True)  # [N], [N]
+    pick = lambda t: t[bi, ai]  # noqa: E731  [Bt, A, ...] -> [N, ...]
+    h, prev, labels, w, e, src = (pick(t) for t in (out.hidden, tg["prev"], tg["labels"], tg["weight"],
+                                                     tg["eval"], tg["src"]))
+    rows = bi[:, None].expand_as(src)  # [N, B]
+    exact = loss_cfg.l1_mode == "exact"
+    tk_ids = batch["topk_ids"][rows, src]  # [N, B, K]
+    tk_probs = batch["topk_probs"][rows, src].float()  # [N, B, K]
+    tgt_h = batch["final_hidden"][rows, src] if exact else None  # [N, B, H]
+
+    sums = _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, int(loss_cfg.chunk_blocks))
+    local_w = w.sum().detach()
+    global_w, world = _dp_weight(local_w, dp_group)
+    num = (loss_cfg.ce_weight * sums["ce"] + loss_cfg.l1_weight * sums["l1"]
+           + loss_cfg.confidence_weight * sums["bce"])
+    # the 0·Σh term keeps every backbone parameter in the graph when no block is valid
+    loss = world * num / global_w.clamp_min(1e-12) + 0.0 * out.hidden.sum()
+    return loss, _metrics(sums, local_w, e, b)
+
+
+def _check_batch(batch: dict, loss_cfg) -> None:
+    need = ["input_ids", "loss_mask", "lengths", "hidden", "topk_ids", "topk_probs"]
+    if loss_cfg.l1_mode == "exact":
+        need.append("final_hidden")
+    missing = [k for k in need if batch.get(k) is None]
+    if missing:
+        hint = " (l1_mode='exact' needs final_hidden: dump with dump.store_final_hidden=true)" \
+            if "final_hidden" in missing else ""
+        raise KeyError(f"batch is missing {missing}{hint}")
+    if loss_cfg.l1_mode not in ("topk", "exact"):
+        raise ValueError(f"l1_mode must be 'topk' or 'exact', got {loss_cfg.l1_mode!r}")
+
+
+def _block_targets(input_ids, loss_mask, lengths, anchors, keep, b: int, gamma: float) -> dict:
+    """Labels, teacher-forced prev tokens, eval mask and weights, all [Bt, A, B].
+
+    slot j predicts x[a+j+1]; e_j = keep ∧ (a+j+1 < len) ∧ m[a+j+1], cumprod over j (a gap ends
+    the block); w_j = e_j·exp(−j/γ); prev_j = x[a+j] (prev_0 = x[a]); the target distribution
+    of slot j is the cached top-k at position a+j (`src`).
+    """
+    bt, s = input_ids.shape
+    j = torch.arange(b, device=anchors.device)
+    lab_pos = anchors[:, :, None] + j + 1  # [Bt, A, B]
+    lab_safe = lab_pos.clamp(max=s - 1)
+    flat = lambda t, idx: torch.gather(t, 1, idx.flatten(1)).view(idx.shape)  # noqa: E731
+    labels = flat(input_ids, lab_safe)
+    ok = keep[:, :, None] & (lab_pos < lengths.to(anchors.device)[:, None, None]) & flat(loss_mask.bool(), lab_safe)
+    ev = ok.to(torch.int64).cumprod(dim=-1).bool()
+    weight = ev.float() * torch.exp(-j.float() / gamma)
+    src = (anchors[:, :, None] + j).clamp(max=s - 1)
+    return {"labels": labels, "prev": flat(input_ids, src), "eval": ev, "weight": weight, "src": src}
+
+
+def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
+    """Loss sums and detached statistics of one chunk of n blocks ([n, B, ...] inputs)."""
+    logits = core.block_logits(h, prev)  # [n, B, V] float32
+    logq = torch.log_softmax(logits, dim=-1)
+    q = logq.exp()
+    ce = -logq.gather(-1, labels[..., None]).squeeze(-1)  # [n, B]
+    if tgt_h is not None:  # exact: full target distribution from the final hidden state
+        p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
+        l1 = (q - p).abs().sum(-1)
+    else:
+        l1 = _topk_l1(q, tk_ids, tk_probs)
+    accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # [n, B]
+    conf = core.confidence_logits(h, prev)  # [n, B] | None
+    bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none")
+           if conf is not None else torch.zeros_like(ce))
+    ef = e.float()
+    correct = ((logits.argmax(-1) == labels).float() * ef).sum(0).detach()  # [B]
+    acc_sum = (accept * ef).sum(0)  # [B]
+    tau_sum = ((accept * ef).cumprod(-1).sum(-1) + 1.0).sum()  # all blocks here are valid
+    return (ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum
+
+
+def _topk_l1(q, tk_ids, tk_probs):
+    """Σ_K|q−p| + |Q_rest − r|: a lower bound of Σ_V|q−p| (the rest mass compared as one bin)."""
+    qk = q.gather(-1, tk_ids.long())  # [n, B, K]
+    rest_q = 1.0 - qk.sum(-1)
+    rest_p = 1.0 - tk_probs.sum(-1)
+    return (qk - tk_probs).abs().sum(-1) + (rest_q - rest_p).abs()
+
+
+def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: int) -> dict:
+    """Sum `_chunk_terms` over chunks of blocks with activation checkpointing.
+
+    Each chunk's [n, B, V] logits/softmax are freed after its forward and recomputed in the
+    backward, so peak memory is one chunk's, not num_anchors·B·V.
+    """
+    n, b = labels.shape
+    zero = h.new_zeros((), dtype=torch.float32)
+    acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
+           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "blocks": n}
+    fn = functools.partial(_chunk_terms, core)
+    for lo in range(0, n, max(chunk, 1)):
+        sl = slice(lo, lo + chunk)
+        args = (h[sl], prev[sl], labels[sl], w[sl], e[sl], tk_ids[sl], tk_probs[sl],
+                None if tgt_h is None else tgt_h[sl])
+        if torch.is_grad_enabled() and h.requires_grad:
+            res = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            res = fn(*args)
+        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau"), res):
+            acc[key] = acc[key] + val
+    return acc
+
+
+def _dp_weight(local_w: torch.Tensor, dp_group) -> tuple[torch.Tensor, int]:
+    """(Σw over the data-parallel group, group size); (local Σw, 1) without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local_w, 1
+    total = local_w.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=dp_group)
+    return total, dist.get_world_size(group=dp_group)
+
+
+def _metrics(sums: dict, local_w: torch.Tensor, e: torch.Tensor, b: int) -> dict[str, float]:
+    wsum = float(local_w)
+    tokens_per_slot = e.float().sum(0)  # [B]
+    tokens = float(tokens_per_slot.sum())
+    div = lambda x, d: float(x) / d if d > 0 else math.nan  # noqa: E731
+    m = {
+        "ce": div(sums["ce"].detach(), wsum),
+        "l1": div(sums["l1"].detach(), wsum),
+        "conf": div(sums["bce"].detach(), wsum),
+        "accuracy": div(sums["correct"].sum(), tokens),
+        "tau_probabilistic": div(sums["tau"], sums["blocks"]),
+        "tokens": tokens,
+        "weight": wsum,
+        "blocks": float(sums["blocks"]),
+    }
+    for j in range(b):
+        m[f"acc_slot{j}"] = div(sums["correct"][j], float(tokens_per_slot[j]))
+        m[f"accept_slot{j}"] = div(sums["accept"][j], float(tokens_per_slot[j]))
+    return m
