@@ -1,0 +1,170 @@
+"""Training data over a feature store: sample filter, Dataset, collate, resumable sampler.
+
+* :func:`select_samples` applies ``max_length`` / ``min_loss_tokens`` once, from ``lengths`` and
+  the per-sample ``loss_mask`` only (never the hidden states), and returns the kept store indices.
+* :class:`FeatureDataset` reads one sample per ``__getitem__`` through the store reader (random
+  access; nothing is loaded up front). A read error is raised with the sample named, never
+  papered over with another sample.
+* :func:`collate` right-pads a micro-batch.
+* :class:`ResumableSampler` gives every rank its micro-batches of each global batch from a
+  seeded per-epoch permutation. Its position ``(epoch, index)`` (samples of the epoch consumed
+  by all ranks) is what checkpoints save, so ``--resume`` continues with the same data order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+# per-token fields of a stored sample, truncated and padded together
+_TOKEN_FIELDS = ("input_ids", "loss_mask", "hidden", "final_hidden", "topk_ids", "topk_probs")
+
+
+class SampleReadError(RuntimeError):
+    """Reading one sample from the store failed; the message names the sample."""
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixing integers (e.g. run seed, epoch) with no accidental collisions."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def select_samples(store: Any, max_length: int | None, min_loss_tokens: int, *, progress: bool = True) -> np.ndarray:
+    """Store indices of the samples to train on: at least ``min_loss_tokens`` supervised tokens
+    within the first ``max_length`` tokens. Returns int64 [N_kept] in store order.
+
+    Short samples are rejected from ``lengths`` alone; the others need their loss mask (a few
+    bytes per token), read through ``store.loss_mask(i)`` rather than the whole sample.
+    """
+    lengths = np.asarray(store.lengths, dtype=np.int64)  # [N]
+    eff = np.minimum(lengths, max_length) if max_length is not None else lengths  # [N]
+    candidates = np.flatnonzero(eff >= max(min_loss_tokens, 1))
+    if min_loss_tokens <= 0:
+        return candidates.astype(np.int64)
+    kept = []
+    for i in tqdm(candidates, desc="loss-mask filter", unit="sample", disable=not progress, leave=False):
+        mask = store.loss_mask(int(i))  # [S] bool / uint8
+        if int(np.asarray(mask[: eff[i]]).astype(bool).sum()) >= min_loss_tokens:
+            kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)
+
+
+class FeatureDataset(Dataset):
+    """Random access to the kept samples of a store; item ``k`` is store sample ``indices[k]``."""
+
+    def __init__(self, store: Any, indices: np.ndarray, max_length: int | None) -> None:
+        self.store = store
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = int(self.indices[k])
+        try:
+            s = self.store.sample(i)
+        except Exception as e:  # re-raised with the sample named; never substituted
+            raise SampleReadError(f"failed to read sample {i} (dataset item {k}) from the feature store: {e}") from e
+        out: dict[str, Any] = {"index": k, "store_index": i, "sample_id": int(s.sample_id)}
+        for name in _TOKEN_FIELDS:
+            t = getattr(s, name)
+            out[name] = None if t is None else t[: self.max_length]  # [S', ...]
+        return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Right-pad a micro-batch. Padding: token 0, loss_mask False, features 0; ``lengths`` marks it.
+
+    Returns input_ids [Bt, S] int64, loss_mask [Bt, S] bool, hidden [Bt, S, L, H],
+    final_hidden [Bt, S, H] | None, topk_ids [Bt, S, K] int64, topk_probs [Bt, S, K] float32,
+    lengths [Bt] int64, index / store_index / sample_id [Bt] int64.
+    """
+    lengths = torch.tensor([len(it["input_ids"]) for it in items], dtype=torch.int64)  # [Bt]
+    s_max = int(lengths.max())
+    batch: dict[str, Any] = {"lengths": lengths}
+    for key in ("index", "store_index", "sample_id"):
+        batch[key] = torch.tensor([it[key] for it in items], dtype=torch.int64)
+    for name in _TOKEN_FIELDS:
+        rows = [it[name] for it in items]
+        if any(r is None for r in rows):
+            batch[name] = None
+            continue
+        first = rows[0]
+        out = torch.zeros((len(rows), s_max, *first.shape[1:]), dtype=first.dtype)  # [Bt, S, ...]
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = r
+        batch[name] = out
+    return batch
+
+
+@dataclass(frozen=True)
+class SamplerPosition:
+    epoch: int = 0
+    index: int = 0  # samples of this epoch already consumed by all ranks together
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class ResumableSampler(Sampler[int]):
+    """Endless, seeded, distributed sampler over ``range(num_samples)`` in global batches.
+
+    Epoch ``e`` uses the permutation seeded by ``(seed, e)`` and drops the incomplete last
+    global batch. Within a global batch of G = world x accum x micro samples, accumulation step
+    ``k`` of rank ``r`` gets the ``micro`` samples at offset ``(k x world + r) x micro``, so one
+    process with micro 2b and two processes with micro b see the same samples per step.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        position: SamplerPosition = SamplerPosition(),
+    ) -> None:
+        self.num_samples = num_samples
+        self.micro, self.accum, self.world, self.rank = micro_batch_size, grad_accum, world_size, rank
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        if num_samples < self.global_batch:
+            raise ValueError(f"{num_samples} samples cannot fill a global batch of {self.global_batch}")
+        self.seed = seed
+        self.position = position
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed_for(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=g)  # [N]
+
+    def advance(self, pos: SamplerPosition) -> SamplerPosition:
+        """The position after one global batch (an optimizer step)."""
+        nxt = pos.index + self.global_batch
+        if nxt + self.global_batch > self.num_samples:  # the rest cannot fill a batch: next epoch
+            return SamplerPosition(pos.epoch + 1, 0)
+        return SamplerPosition(pos.epoch, nxt)
+
+    def rank_indices(self, pos: SamplerPosition, perm: torch.Tensor | None = None) -> list[int]:
+        """This rank's samples of the global batch at ``pos``, in micro-batch order."""
+        perm = self.order(pos.epoch) if perm is None else perm
+        out: list[int] = []
+        for k in range(self.accum):
+            start = pos.index + (k * self.world + self.rank) * self.micro
+            out.extend(perm[start : start + self.micro].tolist())
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        pos, epoch, perm = self.position, None, None
+        while True:
+            if pos.epoch != epoch:
+                epoch, perm = pos.epoch, self.order(pos.epoch)
+            yield from self.rank_indices(pos, perm)
+            pos = self.advance(pos)

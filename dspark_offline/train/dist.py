@@ -1,0 +1,131 @@
+"""Process-group and launcher environment handling for stage 2.
+
+Three ways to start training, one code path:
+
+* plain process (``dspark-offline train``): no launcher variables are set, so we make a
+  world of one ourselves (``RANK=0``, ``WORLD_SIZE=1``, a free local port);
+* ``torchrun --nproc_per_node=N -m dspark_offline.cli train ...`` (multi-node:
+  ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``);
+* ``deepspeed --num_gpus=N [--hostfile hosts] -m dspark_offline.cli train ...`` (multi-node by
+  hostfile; each host runs N ranks).
+
+Both launchers export ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``; we read them, bind the local GPU, and initialise ``torch.distributed``
+*before* DeepSpeed does (nccl on CUDA, gloo on CPU). DeepSpeed then wraps the existing group.
+
+On CPU DeepSpeed's accelerator would JIT-compile a shared-memory all-reduce op on every
+``TorchBackend`` construction (30-45 s, and a C++ toolchain). ``deepspeed.comm.torch.build_shm_op``
+only builds it when ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true, and that
+dict is cached on first access and edits to it persist, so :func:`setup` marks the op
+incompatible and collectives go through plain gloo.
+
+Everything here mutates process state, so it is only ever called from an entry point
+(``loop.run`` / ``export.run``), never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the data-parallel world."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str  # "nccl" | "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class LauncherEnvError(RuntimeError):
+    """The launcher environment is inconsistent (e.g. RANK set without WORLD_SIZE)."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_launcher_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher, or a world of one when there is none."""
+    present = [v for v in _LAUNCHER_VARS if v in os.environ]
+    if not present:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    elif len(present) != len(_LAUNCHER_VARS):
+        missing = sorted(set(_LAUNCHER_VARS) - set(present))
+        raise LauncherEnvError(
+            f"launcher environment is partial: {', '.join(present)} set but {', '.join(missing)} missing; "
+            "start with torchrun / deepspeed, or unset them all for a single process"
+        )
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError as e:
+        raise LauncherEnvError(f"RANK / LOCAL_RANK / WORLD_SIZE must be integers: {e}") from e
+    if not 0 <= rank < world:
+        raise LauncherEnvError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, local_rank, world
+
+
+def _disable_cpu_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op (see module docstring)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def setup() -> DistInfo:
+    """Initialise torch.distributed (idempotent) and DeepSpeed's accelerator for this process."""
+    use_cuda = torch.cuda.is_available()
+    # DeepSpeed picks its accelerator once, on first use; tell it before importing it.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
+    rank, local_rank, world = _read_launcher_env()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        _disable_cpu_shm_comm()
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+    elif torch.distributed.get_world_size() != world:
+        raise LauncherEnvError(
+            f"torch.distributed is already initialised with world size {torch.distributed.get_world_size()} "
+            f"but WORLD_SIZE={world}"
+        )
+    log.info("rank %d/%d (local %d) on %s, backend %s", rank, world, local_rank, device, backend)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over all ranks (one collective for the whole dict)."""
+    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)  # (n,)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))

@@ -1,0 +1,68 @@
+"""Rank-0 metrics sink: a per-step TSV DVC can plot and a final ``metrics.json``.
+
+* ``<output_dir>/metrics/train.tsv`` — one row per logged optimizer step, fixed columns
+  (:data:`COLUMNS`), so ``dvc plots show`` can draw ``loss`` / ``tau_probabilistic`` vs ``step``.
+* ``<output_dir>/metrics.json`` — the summary of the run (last-step values, throughput, plan).
+
+Only rank 0 writes; other ranks get a sink whose methods do nothing, so the loop needs no
+``if rank == 0`` around logging. On resume, rows after the resumed step are dropped so a killed
+and resumed run plots exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+COLUMNS = ("step", "loss", "ce", "l1", "conf", "acc", "tau_probabilistic", "lr", "tokens_per_s")
+
+
+class MetricsSink:
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.tsv = self.output_dir / "metrics" / "train.tsv"
+        self.json = self.output_dir / "metrics.json"
+        if enabled:
+            self.tsv.parent.mkdir(parents=True, exist_ok=True)
+            self._start(resume_step)
+
+    def _start(self, resume_step: int) -> None:
+        """Fresh header, or keep the rows up to ``resume_step`` of a resumed run."""
+        header = "\t".join(COLUMNS) + "\n"
+        kept: list[str] = []
+        if resume_step > 0 and self.tsv.is_file():
+            lines = self.tsv.read_text().splitlines(keepends=True)
+            if lines and lines[0] == header:
+                kept = [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t", 1)[0]) <= resume_step]
+        self.tsv.write_text(header + "".join(kept))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Append one row; a missing column is written as ``nan`` rather than shifting the others."""
+        if not self.enabled:
+            return
+        row = {**values, "step": step}
+        cells = [_fmt(row.get(c, math.nan)) for c in COLUMNS]
+        with self.tsv.open("a") as f:
+            f.write("\t".join(cells) + "\n")
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        self.json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _fmt(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{float(value):.6g}"
+
+
+def read_tsv(path: str | Path) -> list[dict[str, float]]:
+    """Parse a ``train.tsv`` back (for tests and the evaluate stage)."""
+    lines = Path(path).read_text().splitlines()
+    if not lines:
+        return []
+    cols = lines[0].split("\t")
+    return [{c: float(v) for c, v in zip(cols, ln.split("\t"), strict=True)} for ln in lines[1:] if ln]
