@@ -8,7 +8,6 @@ instant. Every stage is therefore also a plain library call: `dspark_offline.<st
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -68,9 +67,9 @@ def build_params(params_file: Path | None, sets: list[str] | None, **options: An
 
 
 def _entry_env() -> None:
-    # Set in the entry point only, never at import time (DeepSpeed/torch read these at init).
-    os.environ.setdefault("OMP_NUM_THREADS", "1" if (os.cpu_count() or 1) <= 2 else str(os.cpu_count()))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from dspark_offline.entry import setup_process_env
+
+    setup_process_env()
 
 
 @app.command()

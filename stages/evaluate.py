@@ -1,0 +1,10 @@
+"""DVC stage `evaluate`: params.yaml [target, evaluate] + exported drafter + held-out prompts
+-> speculative-decoding metrics (JSON) and per-slot acceptance (TSV plot)."""
+
+from dspark_offline.config import load_params
+from dspark_offline.entry import setup_process_env
+from dspark_offline.evaluate import run
+
+if __name__ == "__main__":
+    setup_process_env()
+    run(load_params("params.yaml"))
