@@ -25,11 +25,12 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[
-    Optional[Path],
+    Optional[list[Path]],
     typer.Option(
         "--params",
         "-p",
-        help="params.yaml to read (default: ./params.yaml when present, else built-in defaults).",
+        help="Params file(s); repeat to layer them, later ones win "
+        "(default: ./params.yaml when present, else built-in defaults).",
     ),
 ]
 SetOpt = Annotated[
@@ -52,16 +53,17 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_params(params_file: Path | None, sets: list[str] | None, **options: Any) -> Params:
-    """params file -> `--set` overrides -> command options (those not None), validated once."""
-    if params_file is None and Path("params.yaml").exists():
-        params_file = Path("params.yaml")
+def build_params(params_files: list[Path] | None, sets: list[str] | None, **options: Any) -> Params:
+    """params file(s) -> `--set` overrides -> command options (those not None), validated once."""
+    if not params_files and Path("params.yaml").exists():
+        params_files = [Path("params.yaml")]
     overrides = _parse_sets(sets)
     overrides.update({k: v for k, v in options.items() if v is not None})
     try:
-        return load_params(params_file, overrides)
+        return load_params(params_files, overrides)
     except ValidationError as e:
-        raise CliError(f"invalid parameters ({params_file or 'defaults'}):\n{e}") from e
+        names = ", ".join(map(str, params_files or [])) or "defaults"
+        raise CliError(f"invalid parameters ({names}):\n{e}") from e
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
 

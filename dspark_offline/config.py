@@ -177,16 +177,28 @@ class Params(_Section):
         return self
 
 
-def load_params(path: str | Path | None = None, overrides: dict | None = None) -> Params:
-    """Load a params file (missing file = all defaults) and apply dotted overrides."""
+def load_params(
+    paths: str | Path | list[str | Path] | None = None, overrides: dict | None = None
+) -> Params:
+    """Load params files (later files override earlier ones, field by field within a section;
+    no file = all defaults), then apply dotted `section.field` overrides, and validate once."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     data: dict = {}
-    if path is not None:
+    for path in paths:
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"params file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
             raise ValueError(f"{p}: top level must be a mapping of sections")
+        for section, fields in loaded.items():
+            if isinstance(fields, dict) and isinstance(data.get(section), dict):
+                data[section].update(fields)
+            else:
+                data[section] = fields
     for key, value in (overrides or {}).items():
         section, _, field = key.partition(".")
         data.setdefault(section, {})[field] = value

@@ -65,3 +65,14 @@ def test_bad_override_is_a_clean_error(monkeypatch, tmp_path, capsys):
         cli.main()
     assert e.value.code == 2
     assert "train.nope" in capsys.readouterr().err
+
+
+def test_params_files_layer_field_by_field(capture, tmp_path):
+    install, got = capture
+    install("dspark_offline.train.loop")
+    (tmp_path / "a.yaml").write_text("train:\n  max_steps: 7\n  learning_rate: 0.5\ndraft:\n  markov_rank: 8\n")
+    (tmp_path / "b.yaml").write_text("train:\n  learning_rate: 0.25\n")
+    result = runner.invoke(cli.app, ["train", "-p", "a.yaml", "-p", "b.yaml"])
+    assert result.exit_code == 0, result.output
+    p = got["params"]
+    assert (p.train.max_steps, p.train.learning_rate, p.draft.markov_rank) == (7, 0.25, 8)
