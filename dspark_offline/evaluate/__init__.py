@@ -1,0 +1,11 @@
+"""Speculative decoding evaluation (DESIGN.md §5): `run(params) -> metrics dict`.
+
+Modules: `verify` (greedy / rejection-sampling acceptance, pure), `target` (HF target, KV-cached
+session, plain decode), `proposal` (drafter interface, confidence early stop), `drafter`
+(exported DSpark drafter adapter), `speculative` (the decoding loop), `lossless`, `prompts`,
+`report` (metrics and DVC files), `runner` (the stage).
+"""
+
+from dspark_offline.evaluate.runner import run
+
+__all__ = ["run"]

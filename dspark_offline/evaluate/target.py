@@ -1,0 +1,138 @@
+"""The HF target during evaluation: loading, a KV-cached session with layer capture, plain decode.
+
+The plain decode (`target_decode`) is both the speed baseline ("without speculation") and, at
+T = 0, the losslessness reference: one token per forward with a KV cache, exactly what a user of
+the target alone would run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from dspark_offline.config import TargetConfig
+from dspark_offline.target.capture import capture_layers
+from dspark_offline.target.embedded import resolve_target_path
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+@dataclass
+class LoadedTarget:
+    model: nn.Module  # *ForCausalLM, eval mode
+    tokenizer: object
+    path: Path
+    stop_ids: frozenset[int]  # generation stops after any of these
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config (may be a list), else the tokenizer's EOS."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+def load_target(cfg: TargetConfig) -> LoadedTarget:
+    """Load the target named by ``params.target`` (embedded GGUF converted once)."""
+    path = resolve_target_path(cfg.path, cfg.cache_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedTarget(model, tokenizer, Path(path), stop_token_ids(model, tokenizer))
+
+
+class TargetSession:
+    """One sequence through the target with a KV cache, capturing "dspark" layer states.
+
+    ``forward(ids)`` appends ``ids`` after the cached prefix and returns the logits of every new
+    position and their layer states; ``crop(n)`` forgets everything from position ``n`` on (a
+    rejected draft suffix). The cache always holds exactly the committed-and-verified prefix.
+    """
+
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        self.model = model
+        self.layer_ids = list(layer_ids)
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, last_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [n] -> (logits [n or 1, V] fp32, layer states [n, L, H])."""
+        start = self.length
+        ids = ids.to(self.device).view(1, -1)  # [1, n]
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).view(1, -1)  # [1, n]
+        with capture_layers(self.model, self.layer_ids, capture_final=False) as cap:
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1 if last_logits_only else 0,
+            )
+            states = cap.stacked()[0]  # [n, L, H]
+        return out.logits[0].float(), states
+
+    def crop(self, length: int) -> None:
+        """Keep positions ``< length``. (transformers 5.x ``crop`` takes minus the count to drop.)"""
+        drop = self.length - length
+        if drop < 0:
+            raise ValueError(f"cannot crop the KV cache to {length} positions: it holds only {self.length}")
+        if drop:
+            self.cache.crop(-drop)
+
+
+@torch.inference_mode()
+def target_decode(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Plain autoregressive decode with a KV cache: prompt [P] -> new tokens (stop token included).
+
+    Greedy at T = 0 (the losslessness reference), else samples from softmax(logits / T).
+    """
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    ids = prompt.to(device).view(1, -1)  # [1, P]
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = logits[0, -1].float()  # [V]
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        else:
+            token = int(logits.argmax())
+        out.append(token)
+        if token in stop_ids:
+            break
+        ids = torch.tensor([[token]], device=device)  # [1, 1]
+    return out
