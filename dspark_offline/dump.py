@@ -1,0 +1,210 @@
+"""Stage 1: run the target once over the prepared tokens and write the feature store.
+
+    prepared split -> plan (parts, shards) -> manifest -> store (create or resume)
+      -> for each pending shard: length-sorted padded batches -> target forward
+      -> whole shard handed to the background writer
+
+The target runs once per shard that is not yet recorded done, so a killed dump resumed with
+the same params redoes at most the shards that were in flight. With `dump.part_index` set,
+this process writes only that part (one worker of many); otherwise it writes every part in
+turn. CPU smoke run: `dspark-offline dump` with the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dspark_offline import __version__
+from dspark_offline.config import Params
+from dspark_offline.store.dtypes import storage_dtype, to_storage
+from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo, fingerprint_fields
+from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
+from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, plan_part
+from dspark_offline.store.writer import BackgroundWriter, PartState, feature_specs, open_part, open_store_for_write
+from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
+
+SPLIT = "train"
+
+
+def _say(msg: str) -> None:
+    tqdm.write(f"[dump] {msg}")
+
+
+def _num_hidden_layers(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.num_hidden_layers)
+
+
+def _check_tokens(split, info: dict, prepared: str) -> None:
+    """The prepared tokens must come from this target's tokenizer and fit its vocabulary."""
+    for key in ("tokenizer_hash", "chat_template_hash"):
+        theirs = split.meta.get(key)
+        if theirs is not None and theirs != info[key]:
+            raise ValueError(
+                f"{prepared}/meta.json: {key}={theirs} but the target {info['path']} has "
+                f"{key}={info[key]}; re-run prepare with this target's tokenizer"
+            )
+    vocab = info["vocab_size"]
+    for i in range(len(split)):
+        ids, _ = split[i]
+        if len(ids) and int(ids.max()) >= vocab:
+            raise ValueError(
+                f"{prepared}/{SPLIT}: sample {i} (sample_id {int(split.sample_ids[i])}) has token id "
+                f"{int(ids.max())} >= target vocab_size={vocab}"
+            )
+
+
+def build_manifest(
+    params: Params, info: dict, layer_ids: list[int], split, shard_tokens: int, chunk_tokens: int
+) -> Manifest:
+    """The manifest of this dump, fingerprint included."""
+    cfg = params.dump
+    hidden = info["dtype"] if cfg.hidden_dtype == "auto" else cfg.hidden_dtype
+    target = TargetInfo(**{**{k: info[k] for k in TargetInfo.model_fields if k in info}, "name": params.target.path})
+    body = dict(
+        target=target,
+        tokenizer_hash=info["tokenizer_hash"],
+        chat_template_hash=info["chat_template_hash"],
+        layer_ids=list(layer_ids),
+        layer_id_convention=LAYER_ID_CONVENTION,
+        top_k=cfg.top_k,
+        dtypes=ArrayDtypes(hidden=hidden, final_hidden=hidden if cfg.store_final_hidden else None, head=info["dtype"]),
+        has_final_hidden=cfg.store_final_hidden,
+        num_parts=cfg.num_parts,
+        shard_tokens=shard_tokens,
+        chunk_tokens=chunk_tokens,
+        compressor=cfg.compressor,
+        compression_level=cfg.compression_level,
+        data=DataInfo(
+            prepared_path=str(params.prepare.output),
+            split=SPLIT,
+            prepared_fingerprint=split.fingerprint,
+            max_length=split.meta.get("max_length"),
+            num_samples=len(split),
+            num_tokens=int(split.lengths.sum()),
+        ),
+        created_by=f"dspark-offline {__version__}",
+    )
+    unsigned = Manifest(**body, params_fingerprint="")
+    return unsigned.model_copy(update={"params_fingerprint": fingerprint_of(fingerprint_fields(unsigned))})
+
+
+def _part_tokens(split, plan: PartPlan):
+    """Plan-known arrays of a part: input_ids int32 [T], loss_mask uint8 [T] (gaps 0), sample_id [N_p]."""
+
+    def make() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.zeros(plan.num_positions, np.int32)
+        mask = np.zeros(plan.num_positions, np.uint8)
+        for src, start, n in zip(plan.source_index, plan.sample_start, plan.sample_length):
+            s_ids, s_mask = split[int(src)]
+            ids[start : start + n], mask[start : start + n] = s_ids, s_mask
+        return ids, mask, np.asarray(split.sample_ids)[plan.source_index].astype(np.int64)
+
+    return make
+
+
+def _batches(lengths: np.ndarray, batch_tokens: int) -> list[range]:
+    """Consecutive row groups of a longest-first list whose padded size B x S_max <= batch_tokens."""
+    out, i = [], 0
+    while i < len(lengths):
+        longest, j = int(lengths[i]), i + 1
+        while j < len(lengths) and (j - i + 1) * longest <= batch_tokens:
+            j += 1
+        out.append(range(i, j))
+        i = j
+    return out
+
+
+def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar) -> dict:
+    """Run the target over one shard's samples; return its arrays in storage dtypes (gaps 0)."""
+    plan, width = state.plan, shard.stop - shard.start
+    bufs = {name: np.zeros((width, *trailing), storage_dtype(logical)) for name, (logical, trailing) in state.specs.items()}
+    rows = np.arange(shard.row_start, shard.row_stop)
+    for batch in _batches(plan.sample_length[rows], batch_tokens):
+        members = rows[batch.start : batch.stop]
+        lens = plan.sample_length[members]
+        ids = torch.zeros(len(members), int(lens.max()), dtype=torch.int64)  # [B, S] right-padded
+        attn = torch.zeros_like(ids)
+        for b, r in enumerate(members):
+            s_ids, _ = split[int(plan.source_index[r])]
+            ids[b, : lens[b]] = torch.from_numpy(s_ids.astype(np.int64))
+            attn[b, : lens[b]] = 1
+        out = target.forward(ids, attn)
+        for b, r in enumerate(members):
+            off, n = int(plan.sample_start[r]) - shard.start, int(lens[b])
+            for name, (logical, _) in state.specs.items():
+                value = getattr(out, name)[b, :n]  # [n, ...]
+                bufs[name][off : off + n] = to_storage(value, logical)
+        bar.update(int(lens.sum()))
+    return bufs
+
+
+def run(params: Params) -> str:
+    """Dump features of `params.prepare.output`/train into `params.dump.store`; return the store path."""
+    from dspark_offline.data.prepared import PreparedSplit
+    from dspark_offline.target.embedded import resolve_target_path
+
+    cfg = params.dump
+    if cfg.backend != "hf":
+        raise ValueError(f"dump.backend={cfg.backend!r} is not available in this build (use 'hf')")
+    from dspark_offline.target.hf_backend import HFTarget
+
+    split = PreparedSplit.load(params.prepare.output, SPLIT)
+    target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
+    layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
+    target = HFTarget(
+        target_dir, layer_ids=layer_ids, top_k=cfg.top_k, store_final_hidden=cfg.store_final_hidden,
+        dtype=params.target.dtype, device=params.target.device,
+    )
+    info = target.info
+    _check_tokens(split, info, params.prepare.output)
+
+    longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
+    shard_tokens, chunk_tokens = effective_sizes(cfg.shard_tokens, cfg.chunk_tokens, longest)
+    manifest = build_manifest(params, info, layer_ids, split, shard_tokens, chunk_tokens)
+    parts = range(cfg.num_parts) if cfg.part_index is None else [cfg.part_index]
+    plans = [plan_part(split.lengths, cfg.num_parts, p, shard_tokens) for p in parts]
+    L, H, K = len(layer_ids), info["hidden_size"], cfg.top_k
+    _say(
+        f"target {info['architecture']} N={info['num_hidden_layers']} H={H} V={info['vocab_size']} "
+        f"dtype={info['dtype']} on {target.device}; layer ids {layer_ids} ({LAYER_ID_CONVENTION})"
+    )
+    _say(
+        f"{len(split)} samples, {int(split.lengths.sum())} tokens -> {cfg.num_parts} part(s); "
+        f"shard_tokens={shard_tokens} chunk_tokens={chunk_tokens}; writing part(s) {list(parts)}: "
+        f"{sum(len(p.shards) for p in plans)} shards, "
+        f"{sum(p.num_tokens for p in plans)} tokens in {sum(p.num_positions for p in plans)} positions"
+    )
+    _say(
+        f"per token: hidden {L}x{H} {manifest.dtypes.hidden}, final_hidden "
+        f"{manifest.dtypes.final_hidden or 'no'}, top-{K}; params_fingerprint {manifest.params_fingerprint}"
+    )
+
+    root = open_store_for_write(cfg.store, manifest, target.head_weights, overwrite=cfg.overwrite)
+    states = [open_part(root, manifest, plan, _part_tokens(split, plan)) for plan in plans]
+    pending = [(s, shard) for s in states for shard in s.pending()]
+    todo = sum(int(s.plan.sample_length[sh.row_start : sh.row_stop].sum()) for s, sh in pending)
+    skipped = sum(len(s.plan.shards) for s in states) - len(pending)
+    if skipped:
+        _say(f"resuming: {skipped} shard(s) already done, {len(pending)} to go")
+    t0 = time.perf_counter()
+    with BackgroundWriter() as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
+        for state, shard in pending:
+            writer.submit(state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar))
+    elapsed = time.perf_counter() - t0
+    if pending:
+        _say(
+            f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
+            f"({todo / max(elapsed, 1e-9):.0f} tok/s; writer thread busy {writer.busy_s:.1f}s)"
+        )
+    else:
+        _say(f"nothing to do: part(s) {list(parts)} of {cfg.store} already complete")
+    return cfg.store

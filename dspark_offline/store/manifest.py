@@ -1,0 +1,191 @@
+"""The store manifest: the stage-1 -> stage-2 handshake, kept in the root attrs of the store.
+
+A trainer reads nothing but the store, so the manifest carries everything it derives its
+dims from (target config), everything it must agree with (layer ids and their convention,
+tokenizer/chat-template hashes) and everything that determines the arrays, folded into one
+`params_fingerprint`: a dump resumed or re-run with a different fingerprint would mix features
+from two different runs, so the writer refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_NAME = "dspark-offline-features"
+FORMAT_VERSION = 1
+MANIFEST_ATTR = "dspark_offline"
+
+
+class StoreError(RuntimeError):
+    """A feature store that cannot be opened or written as asked (names the store and the reason)."""
+
+
+class StoreMismatchError(StoreError):
+    """A store whose contents do not match what the caller (drafter config, dump params) needs."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetInfo(_Model):
+    """What the drafter needs to know about the target, without loading it."""
+
+    name: str = Field(description="Target as given in params (path or 'embedded:...' name).")
+    path: str = Field(description="Resolved local Hugging Face directory the features were computed from.")
+    weights_hash: str = Field(description="Hash of the target weights (detects a changed checkpoint).")
+    architecture: str = Field(description="HF architecture class, e.g. 'LlamaForCausalLM'.")
+    model_type: str = Field(description="HF config model_type, e.g. 'llama', 'qwen3'.")
+    num_hidden_layers: int = Field(ge=1, description="Decoder layers N of the target.")
+    hidden_size: int = Field(ge=1, description="Hidden size H of the target.")
+    num_attention_heads: int = Field(ge=1, description="Attention heads of the target.")
+    num_key_value_heads: int = Field(ge=1, description="Key/value heads of the target (GQA).")
+    head_dim: int = Field(ge=1, description="Per-head dimension of the target.")
+    intermediate_size: int = Field(ge=1, description="MLP width of the target.")
+    rms_norm_eps: float = Field(gt=0, description="RMSNorm epsilon of the target.")
+    rope_theta: float | None = Field(gt=0, description="RoPE base of the target (None when the config has none).")
+    vocab_size: int = Field(ge=1, description="Rows V of the embedding / lm_head.")
+    max_position_embeddings: int = Field(ge=1, description="Maximum positions of the target.")
+    tie_word_embeddings: bool = Field(description="Whether the target ties lm_head to embed_tokens.")
+    dtype: str = Field(description="Compute dtype the target ran in, e.g. 'float32', 'bfloat16'.")
+    mask_token_id: int | None = Field(description="The tokenizer's mask token id; None when it has none.")
+    tokenizer_size: int = Field(ge=1, description="len(tokenizer); embedding rows >= this are spare.")
+    special_tokens: dict[str, int] = Field(description="Special tokens of the tokenizer: {token: id}.")
+
+
+class DataInfo(_Model):
+    """Provenance of the tokens the features were computed on."""
+
+    prepared_path: str = Field(description="Prepared-data directory the dump read.")
+    split: str = Field(description="Split of the prepared data that was dumped ('train').")
+    prepared_fingerprint: str = Field(description="Fingerprint (hash of all arrays) of the prepared split.")
+    max_length: int | None = Field(description="max_length the conversations were truncated to in prepare.")
+    num_samples: int = Field(ge=0, description="Samples in the store over all parts.")
+    num_tokens: int = Field(ge=0, description="Sample tokens in the store over all parts (gaps excluded).")
+
+
+class ArrayDtypes(_Model):
+    """Logical dtypes of the arrays (bfloat16 is stored as uint16 bits, see store/dtypes.py)."""
+
+    input_ids: Literal["int32"] = Field("int32", description="Token ids.")
+    loss_mask: Literal["uint8"] = Field("uint8", description="1 on supervised (assistant) tokens.")
+    hidden: Literal["float32", "bfloat16", "float16"] = Field(description="Target layer states.")
+    final_hidden: Literal["float32", "bfloat16", "float16"] | None = Field(
+        description="Final post-norm state; None when not stored."
+    )
+    topk_ids: Literal["int32"] = Field("int32", description="Top-k token ids.")
+    topk_probs: Literal["float16"] = Field("float16", description="Top-k probabilities, sorted descending.")
+    head: Literal["float32", "bfloat16", "float16"] = Field(
+        description="target/embed_tokens, target/lm_head, target/final_norm."
+    )
+
+
+class Manifest(_Model):
+    """Root attribute `dspark_offline` of a feature store (schemas/feature_store.schema.json)."""
+
+    format: Literal["dspark-offline-features"] = Field(FORMAT_NAME, description="Format name.")
+    format_version: int = Field(FORMAT_VERSION, description="Format version; readers refuse unknown ones.")
+    target: TargetInfo = Field(description="The target the features come from.")
+    tokenizer_hash: str = Field(description="Hash of the tokenizer (vocab, merges, special tokens).")
+    chat_template_hash: str = Field(description="Hash of the chat template used to render conversations.")
+    layer_ids: list[int] = Field(min_length=1, description="Stored target layers, in hidden[:, l] order.")
+    layer_id_convention: Literal["dspark"] = Field(
+        "dspark", description="Layer id i = output of decoder layer i = HF output_hidden_states[i+1]."
+    )
+    top_k: int = Field(ge=1, description="Entries K of the stored next-token distribution.")
+    dtypes: ArrayDtypes = Field(description="Logical dtypes of the arrays.")
+    has_final_hidden: bool = Field(description="Whether parts hold final_hidden [T, H].")
+    num_parts: int = Field(ge=1, description="Parts (one per dump worker): part-00000 ...")
+    shard_tokens: int = Field(ge=1, description="Tokens per Zarr shard (unit of writing and resume).")
+    chunk_tokens: int = Field(ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading).")
+    compressor: Literal["zstd", "blosc", "none"] = Field(description="Codec of the arrays.")
+    compression_level: int = Field(ge=0, description="Codec level.")
+    data: DataInfo = Field(description="Provenance of the tokens.")
+    params_fingerprint: str = Field(description="Hash of everything above that determines the arrays.")
+    created_by: str = Field(description="dspark-offline version that wrote the store.")
+
+
+def params_fingerprint(fields: dict) -> str:
+    """Stable short hash of a JSON-able dict (sorted keys)."""
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_fields(m: Manifest) -> dict:
+    """The manifest fields that determine the arrays.
+
+    Locations (target/prepared paths, the target's display name) and the writer version are left
+    out: moving the prepared data or the model cache does not change a single stored value, while
+    the weights hash and the prepared fingerprint do.
+    """
+    return m.model_dump(
+        mode="json",
+        exclude={
+            "params_fingerprint": True,
+            "created_by": True,
+            "target": {"name", "path"},
+            "data": {"prepared_path"},
+        },
+    )
+
+
+def _mismatch(what: str, store_value, wanted, store: str | None) -> StoreMismatchError:
+    where = f" ({store})" if store else ""
+    return StoreMismatchError(
+        f"feature store{where} {what}={store_value!r} but the drafter config needs {what}={wanted!r}"
+    )
+
+
+def check_compatible(
+    manifest: Manifest,
+    *,
+    architecture: str | None = None,
+    target_name: str | None = None,
+    layer_ids: list[int] | None = None,
+    hidden_size: int | None = None,
+    vocab_size: int | None = None,
+    need_topk: bool = True,
+    need_final_hidden: bool = False,
+    store: str | None = None,
+) -> None:
+    """Raise `StoreMismatchError` naming both values when the store cannot serve this drafter.
+
+    Only the given (non-None) requirements are checked, so callers pass what they know.
+    """
+    t = manifest.target
+    if architecture is not None and t.architecture != architecture:
+        raise _mismatch("target.architecture", t.architecture, architecture, store)
+    if target_name is not None and target_name not in (t.name, t.path):
+        raise _mismatch("target.name", t.name, target_name, store)
+    if layer_ids is not None and list(manifest.layer_ids) != list(layer_ids):
+        raise _mismatch("layer_ids", list(manifest.layer_ids), list(layer_ids), store)
+    if hidden_size is not None and t.hidden_size != hidden_size:
+        raise _mismatch("target.hidden_size", t.hidden_size, hidden_size, store)
+    if vocab_size is not None and t.vocab_size != vocab_size:
+        raise _mismatch("target.vocab_size", t.vocab_size, vocab_size, store)
+    if need_topk and manifest.top_k < 1:
+        raise _mismatch("top_k", manifest.top_k, ">= 1", store)
+    if need_final_hidden and not manifest.has_final_hidden:
+        raise _mismatch("has_final_hidden", False, True, store)
+
+
+def parse_manifest(attrs: dict, store: str) -> Manifest:
+    """Validate the root attrs of `store`; refuse foreign formats and unknown versions by name."""
+    raw = attrs.get(MANIFEST_ATTR)
+    if not isinstance(raw, dict):
+        raise StoreError(f"{store}: not a dspark-offline feature store (no '{MANIFEST_ATTR}' root attribute)")
+    if raw.get("format") != FORMAT_NAME:
+        raise StoreError(f"{store}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{store}: format_version={raw.get('format_version')!r} is not supported "
+            f"(this dspark-offline reads format_version={FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValueError as e:
+        raise StoreError(f"{store}: invalid manifest in root attrs['{MANIFEST_ATTR}']: {e}") from e

@@ -1,0 +1,152 @@
+"""Random access to a feature store, one sample at a time (the stage-2 side of DESIGN.md §3).
+
+Opening reads only metadata and the small per-sample index (`sample_id/start/length` of each
+part); `sample(i)` reads exactly the token slices of that sample. Zarr handles are opened
+lazily and cached, and dropped on pickling, so a `FeatureStore` can be handed to torch
+DataLoader workers, each of which reopens the store on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+from zarr.errors import GroupNotFoundError
+
+from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, from_storage
+from dspark_offline.store.manifest import Manifest, StoreError, parse_manifest
+from dspark_offline.store.plan import part_name
+from dspark_offline.store.writer import HEAD_ARRAYS, PART_ATTR
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoredSample:
+    """The features of one sample, in the logical dtypes."""
+
+    sample_id: int  # index of the sample in the prepared data set
+    input_ids: torch.Tensor  # [S] int64
+    loss_mask: torch.Tensor  # [S] bool
+    hidden: torch.Tensor  # [S, L, H] logical dtype (e.g. bfloat16 / float32), order = manifest.layer_ids
+    final_hidden: torch.Tensor | None  # [S, H] post-norm, or None when not stored / not asked for
+    topk_ids: torch.Tensor  # [S, K] int64, next-token top-k at each position
+    topk_probs: torch.Tensor  # [S, K] float32, sorted descending
+
+
+def open_root(path: str) -> zarr.Group:
+    """Open the store read-only, with a clear error when nothing is there."""
+    try:
+        return zarr.open_group(str(path), mode="r", zarr_format=3)
+    except (FileNotFoundError, GroupNotFoundError) as e:
+        raise StoreError(f"{path}: no feature store there ({type(e).__name__}: {e})") from e
+
+
+def part_status(root: zarr.Group, name: str) -> tuple[bool, str]:
+    """(complete, human-readable reason when not) of part `name`."""
+    if name not in root:
+        return False, "missing"
+    attrs = root[name].attrs.asdict().get(PART_ATTR)
+    if not attrs or not attrs.get("created"):
+        return False, "creation interrupted"
+    if not attrs.get("complete"):
+        return False, f"{len(attrs.get('shards_done', []))}/{attrs.get('num_shards')} shards done"
+    return True, "complete"
+
+
+class FeatureStore:
+    """A store opened for reading; see `open_store`."""
+
+    def __init__(self, path: str, complete_only: bool = False):
+        self.path = str(path)
+        root = open_root(self.path)
+        self.manifest: Manifest = parse_manifest(root.attrs.asdict(), self.path)
+        statuses = {part_name(p): part_status(root, part_name(p)) for p in range(self.manifest.num_parts)}
+        bad = {n: why for n, (ok, why) in statuses.items() if not ok}
+        if bad and not complete_only:
+            listing = ", ".join(f"{n} ({why})" for n, why in bad.items())
+            raise StoreError(
+                f"{self.path}: incomplete parts: {listing}; finish the dump (re-run it to resume) "
+                "or open with complete_only=True to use the complete parts only"
+            )
+        if bad:
+            log.warning("%s: skipping incomplete parts %s", self.path, ", ".join(bad))
+        self.parts = [n for n, (ok, _) in statuses.items() if ok]
+        if not self.parts:
+            raise StoreError(f"{self.path}: no complete part to read")
+        starts, lengths, ids, part_of = [], [], [], []
+        for k, name in enumerate(self.parts):
+            g = root[name]
+            ids.append(g["sample_id"][...].astype(np.int64))
+            starts.append(g["sample_start"][...].astype(np.int64))
+            lengths.append(g["sample_length"][...].astype(np.int64))
+            part_of.append(np.full(len(ids[-1]), k, dtype=np.int64))
+        self.sample_ids = np.concatenate(ids)  # int64 [N]
+        self.lengths = np.concatenate(lengths)  # int64 [N]
+        self._starts = np.concatenate(starts)  # int64 [N] on the token axis of the sample's part
+        self._part_of = np.concatenate(part_of)  # int64 [N] index into self.parts
+        self._root: zarr.Group | None = root
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+
+    # -- pickling for DataLoader workers: drop handles, reopen lazily ------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_root"], state["_arrays"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def _array(self, group: str, name: str) -> zarr.Array:
+        key = (group, name)
+        if key not in self._arrays:
+            if self._root is None:
+                self._root = open_root(self.path)
+            self._arrays[key] = self._root[f"{group}/{name}"]
+        return self._arrays[key]
+
+    def _read(self, group: str, name: str, sel=slice(None)) -> torch.Tensor:
+        arr = self._array(group, name)
+        logical = arr.attrs.get(LOGICAL_DTYPE_ATTR, str(arr.dtype))
+        return from_storage(arr[sel], logical)
+
+    # -- public API ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
+        """Sample `i` (0 <= i < len(store)); reads only its own token slices."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample index {i} out of range for a store of {len(self)} samples ({self.path})")
+        part = self.parts[int(self._part_of[i])]
+        start = int(self._starts[i])
+        sel = slice(start, start + int(self.lengths[i]))
+        has_final = self.manifest.has_final_hidden and with_final_hidden
+        return StoredSample(
+            sample_id=int(self.sample_ids[i]),
+            input_ids=self._read(part, "input_ids", sel).long(),
+            loss_mask=self._read(part, "loss_mask", sel).bool(),
+            hidden=self._read(part, "hidden", sel),
+            final_hidden=self._read(part, "final_hidden", sel) if has_final else None,
+            topk_ids=self._read(part, "topk_ids", sel).long(),
+            topk_probs=self._read(part, "topk_probs", sel).float(),
+        )
+
+    def __getitem__(self, i: int) -> StoredSample:
+        return self.sample(i)
+
+    def target_weights(self) -> dict[str, torch.Tensor]:
+        """{"embed_tokens": [V, H], "lm_head": [V, H], "final_norm": [H]} in the stored head dtype."""
+        return {name: self._read("target", name) for name in HEAD_ARRAYS}
+
+
+def open_store(path: str, complete_only: bool = False) -> FeatureStore:
+    """Open a feature store for reading.
+
+    Raises `StoreError` for a missing store, a foreign format, an unknown format version, or
+    incomplete parts (named) unless `complete_only=True`, which skips them with a warning.
+    """
+    return FeatureStore(path, complete_only=complete_only)

@@ -1,0 +1,366 @@
+"""Creating, resuming and filling a feature store (DESIGN.md §3).
+
+Write protocol, chosen so that a kill at any instant leaves a store a re-run can finish:
+
+1. root: the target head arrays (`target/...`), then the manifest in the root attrs. A manifest
+   present means the head is complete. Writes are idempotent (no deletion), so several workers
+   starting at once on a new store all end with the same bytes.
+2. part: all arrays are created and the plan-known ones (`input_ids`, `loss_mask`, `sample_*`)
+   written, then the part attrs say `created`. A part without `created` is deleted and redone.
+3. shards: feature arrays are written one whole shard at a time (never a partial-shard
+   read-modify-write), then the shard index is appended to the part's `shards_done`; the last
+   one flips `complete`. A shard not listed is rewritten in full by the next run, so a
+   sample's features never mix two runs.
+
+Shard writes run on a background thread behind a bounded queue so compression and I/O overlap
+the target forward; its errors are re-raised in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.errors import ContainsArrayError, GroupNotFoundError
+
+from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, logical_name, storage_dtype, to_storage
+from dspark_offline.store.manifest import (
+    MANIFEST_ATTR,
+    Manifest,
+    StoreError,
+    StoreMismatchError,
+    fingerprint_fields,
+    parse_manifest,
+)
+from dspark_offline.store.plan import PartPlan, ShardPlan
+
+log = logging.getLogger(__name__)
+
+PART_ATTR = "dspark_offline_part"
+HEAD_ARRAYS = ("embed_tokens", "lm_head", "final_norm")
+_HEAD_CHUNK_BYTES = 8 << 20
+
+
+def compressors(name: str, level: int) -> list:
+    """Codec chain of every array. Crc32c last so a corrupted chunk fails loudly on read."""
+    if name == "zstd":
+        return [ZstdCodec(level=level), Crc32cCodec()]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle"), Crc32cCodec()]
+    if name == "none":
+        return [Crc32cCodec()]
+    raise ValueError(f"dump.compressor={name!r}: expected zstd, blosc or none")
+
+
+def feature_specs(m: Manifest) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Feature arrays of a part: name -> (logical dtype, shape after the token axis)."""
+    L, H, K = len(m.layer_ids), m.target.hidden_size, m.top_k
+    specs = {
+        "hidden": (m.dtypes.hidden, (L, H)),
+        "topk_ids": (m.dtypes.topk_ids, (K,)),
+        "topk_probs": (m.dtypes.topk_probs, (K,)),
+    }
+    if m.has_final_hidden:
+        specs["final_hidden"] = (m.dtypes.final_hidden, (H,))
+    return specs
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(old: Manifest, new: Manifest) -> str:
+    a, b = _flat(fingerprint_fields(old)), _flat(fingerprint_fields(new))
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:8]) or "(fields equal; fingerprint scheme changed)"
+
+
+def _try_open(path: str) -> zarr.Group | None:
+    try:
+        return zarr.open_group(path, mode="r+", zarr_format=3)
+    except (FileNotFoundError, GroupNotFoundError):
+        return None
+
+
+def open_store_for_write(
+    path: str,
+    manifest: Manifest,
+    head_weights: Callable[[], dict[str, torch.Tensor]],
+    *,
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create the store at `path`, or reopen it for resume when its fingerprint matches.
+
+    A store with another `params_fingerprint` (or a foreign group) is refused unless
+    `overwrite`, in which case it is deleted and recreated. `head_weights` is called only when
+    the head still has to be written.
+    """
+    root = _try_open(path)
+    recreate = False
+    if root is not None:
+        attrs = root.attrs.asdict()
+        if MANIFEST_ATTR in attrs:
+            try:
+                old = parse_manifest(attrs, path)
+            except StoreError as e:
+                if not overwrite:
+                    raise StoreMismatchError(f"{e}; set dump.overwrite=true to replace it") from e
+                recreate = True
+            else:
+                if old.params_fingerprint == manifest.params_fingerprint:
+                    log.info("resuming %s (params_fingerprint %s)", path, old.params_fingerprint)
+                    return root
+                if not overwrite:
+                    raise StoreMismatchError(
+                        f"{path}: existing store has params_fingerprint={old.params_fingerprint} but this dump "
+                        f"has params_fingerprint={manifest.params_fingerprint} ({_differences(old, manifest)}); "
+                        "refusing to mix features of two runs - set dump.overwrite=true to delete and recreate it"
+                    )
+                recreate = True
+        elif set(root.keys()) - {"target"}:
+            if not overwrite:
+                raise StoreError(
+                    f"{path}: exists but is not a dspark-offline feature store (members {sorted(root.keys())}, "
+                    f"no '{MANIFEST_ATTR}' root attribute); set dump.overwrite=true to replace it"
+                )
+            recreate = True
+    if recreate:
+        log.warning("deleting and recreating %s (dump.overwrite=true)", path)
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+    elif root is None:
+        root = zarr.open_group(path, mode="a", zarr_format=3)
+    _write_head(root, manifest, head_weights())
+    root.attrs[MANIFEST_ATTR] = manifest.model_dump(mode="json")
+    return root
+
+
+def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor]) -> None:
+    """target/embed_tokens [V, H], target/lm_head [V, H], target/final_norm [H], in the head dtype."""
+    missing = set(HEAD_ARRAYS) - set(weights)
+    if missing:
+        raise ValueError(f"head_weights() lacks {sorted(missing)}")
+    group = root.require_group("target")
+    logical = m.dtypes.head
+    for name in HEAD_ARRAYS:
+        t = weights[name]
+        if logical_name(t.dtype) != logical:
+            raise ValueError(f"head weight {name} has dtype {t.dtype} but the manifest says dtypes.head={logical}")
+        data = to_storage(t, logical)
+        row_bytes = max(1, data[0].nbytes if data.ndim > 1 else data.itemsize)
+        chunks = (max(1, min(len(data), _HEAD_CHUNK_BYTES // row_bytes)), *data.shape[1:])
+        try:
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks,
+                compressors=compressors(m.compressor, m.compression_level),
+                fill_value=0,
+                attributes={LOGICAL_DTYPE_ATTR: logical},
+            )
+        except ContainsArrayError:  # a resumed or concurrent creation: same bytes, written again
+            arr = group[name]
+        arr[...] = data
+
+
+class PartState:
+    """One part open for writing: its plan, handles and which shards are done (single writer)."""
+
+    def __init__(self, group: zarr.Group, plan: PartPlan, manifest: Manifest, done: set[int], complete: bool):
+        self.group, self.plan, self.manifest = group, plan, manifest
+        self.done, self.complete = done, complete
+        self.specs = feature_specs(manifest)
+        self._arrays = {name: group[name] for name in self.specs}
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    def pending(self) -> list[ShardPlan]:
+        return [] if self.complete else [s for s in self.plan.shards if s.index not in self.done]
+
+    def write_shard(self, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        """Write every feature array of one whole shard, then record it done."""
+        n = shard.stop - shard.start
+        if set(arrays) != set(self.specs):
+            raise ValueError(f"{self.name} shard {shard.index}: got arrays {sorted(arrays)}, need {sorted(self.specs)}")
+        for name, (logical, trailing) in self.specs.items():
+            a = arrays[name]
+            if a.shape != (n, *trailing) or a.dtype != storage_dtype(logical):
+                raise ValueError(
+                    f"{self.name}/{name} shard {shard.index}: got {a.dtype}{list(a.shape)}, "
+                    f"need {storage_dtype(logical)}{[n, *trailing]}"
+                )
+        for name, a in arrays.items():
+            self._arrays[name][shard.start : shard.stop] = a
+        self._record_done(shard.index)
+
+    def _record_done(self, index: int) -> None:
+        self.done.add(index)
+        attrs = dict(self.group.attrs[PART_ATTR])
+        attrs["shards_done"] = sorted(self.done)
+        if len(self.done) == len(self.plan.shards):
+            attrs.update(complete=True, status="complete")
+            self.complete = True
+        self.group.attrs[PART_ATTR] = attrs
+
+
+def open_part(
+    root: zarr.Group,
+    manifest: Manifest,
+    plan: PartPlan,
+    tokens: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> PartState:
+    """Create part `plan.name` (plan-known arrays written now) or reopen it for resume.
+
+    `tokens()` -> (input_ids int32 [T], loss_mask uint8 [T] with gaps 0, sample_id int64 [N_p]
+    in row order); called only when the part is created.
+    """
+    name = plan.name
+    if name in root:
+        group = root[name]
+        attrs = group.attrs.asdict().get(PART_ATTR, {})
+        if attrs.get("created"):
+            expect = {"num_samples": plan.num_samples, "num_positions": plan.num_positions, "num_shards": len(plan.shards)}
+            got = {k: attrs.get(k) for k in expect}
+            if got != expect:
+                raise StoreError(f"{name}: stored layout {got} differs from this dump's plan {expect}")
+            return PartState(group, plan, manifest, set(attrs.get("shards_done", [])), bool(attrs.get("complete")))
+        log.info("%s: removing a part whose creation was interrupted", name)
+        del root[name]
+    return _create_part(root, manifest, plan, *tokens())
+
+
+def _create_part(root, manifest, plan, input_ids, loss_mask, sample_id) -> PartState:
+    T, N = plan.num_positions, plan.num_samples
+    if input_ids.shape != (T,) or loss_mask.shape != (T,) or sample_id.shape != (N,):
+        raise ValueError(f"{plan.name}: token arrays must be [{T}] and sample_id [{N}]")
+    group = root.create_group(plan.name)
+    codecs = compressors(manifest.compressor, manifest.compression_level)
+    shard, chunk = manifest.shard_tokens, manifest.chunk_tokens
+
+    def token_array(name: str, logical: str, trailing: tuple[int, ...]):
+        return group.create_array(
+            name,
+            shape=(T, *trailing),
+            dtype=storage_dtype(logical),
+            chunks=(chunk, *trailing),
+            shards=(shard, *trailing),
+            compressors=codecs,
+            fill_value=0,
+            attributes={LOGICAL_DTYPE_ATTR: logical},
+            config={"write_empty_chunks": True},  # every written shard exists as an object (verify)
+        )
+
+    token_array("input_ids", "int32", ())[...] = input_ids.astype(np.int32)
+    token_array("loss_mask", "uint8", ())[...] = loss_mask.astype(np.uint8)
+    for name, (logical, trailing) in feature_specs(manifest).items():
+        token_array(name, logical, trailing)
+    for name, data in (
+        ("sample_id", sample_id.astype(np.int64)),
+        ("sample_start", plan.sample_start.astype(np.int64)),
+        ("sample_length", plan.sample_length.astype(np.int32)),
+    ):
+        arr = group.create_array(
+            name, shape=(N,), dtype=data.dtype, chunks=(max(N, 1),), compressors=codecs, fill_value=0,
+            attributes={LOGICAL_DTYPE_ATTR: str(data.dtype)},
+        )
+        arr[...] = data
+    complete = not plan.shards
+    group.attrs[PART_ATTR] = {
+        "created": True,
+        "status": "complete" if complete else "writing",
+        "complete": complete,
+        "num_samples": N,
+        "num_tokens": plan.num_tokens,
+        "num_positions": T,
+        "num_shards": len(plan.shards),
+        "shards_done": [],
+        "params_fingerprint": manifest.params_fingerprint,
+    }
+    return PartState(group, plan, manifest, set(), complete)
+
+
+class BackgroundWriter:
+    """Writes whole shards on one thread behind a bounded queue; re-raises its errors here.
+
+    Use as a context manager; `submit` blocks when `max_pending` shards are queued, which
+    bounds memory to a few shards.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._where = ""
+        self.busy_s = 0.0
+        self.shards_written = 0
+        self._thread = threading.Thread(target=self._run, name="dspark-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drop: nothing after a failure may be recorded done
+            part, shard, arrays = item
+            t0 = time.perf_counter()
+            try:
+                part.write_shard(shard, arrays)
+                self.shards_written += 1
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._where = f"{part.name} shard {shard.index}"
+                self._error = e
+            self.busy_s += time.perf_counter() - t0
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"background store writer failed on {self._where}: {self._error}") from self._error
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise_if_failed()
+            if not self._thread.is_alive():
+                raise StoreError("background store writer thread is not running")
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def submit(self, part: PartState, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one whole shard of `part` (arrays in storage dtypes, token axis = shard width)."""
+        self._put((part, shard, arrays))
+
+    def close(self) -> None:
+        """Wait for queued shards to be written; raise the writer's error if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: stop the thread, keep the original exception
+            self.close()
+        except StoreError as e:
+            log.error("%s", e)
