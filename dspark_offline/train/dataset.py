@@ -22,6 +22,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from dspark_offline.model import sample_anchors
+from dspark_offline.store.manifest import StoreMismatchError, check_compatible
+from dspark_offline.target.layers import resolve_layer_ids
+
 # per-token fields of a stored sample, truncated and padded together
 _TOKEN_FIELDS = ("input_ids", "loss_mask", "hidden", "final_hidden", "topk_ids", "topk_probs")
 
@@ -49,10 +53,71 @@ def select_samples(store: Any, max_length: int | None, min_loss_tokens: int, *, 
         return candidates.astype(np.int64)
     kept = []
     for i in tqdm(candidates, desc="loss-mask filter", unit="sample", disable=not progress, leave=False):
-        mask = store.loss_mask(int(i))  # [S] bool / uint8
+        mask = _loss_mask(store, int(i))  # [S] bool
         if int(np.asarray(mask[: eff[i]]).astype(bool).sum()) >= min_loss_tokens:
             kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)
+
+
+def _loss_mask(store: Any, i: int) -> torch.Tensor:
+    """Sample ``i``'s loss mask [S]: the reader's small-array accessor when it has one, else the
+    sample without its final hidden state (correct, but reads the hidden states too)."""
+    reader = getattr(store, "loss_mask", None)
+    if callable(reader):
+        return torch.as_tensor(reader(i)).bool()
+    return store.sample(i, with_final_hidden=False).loss_mask
+
+
+def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | None = None) -> None:
+    """Refuse, before step 1, a store that cannot train this drafter (messages name both values).
+
+    Checks the store against the params (target, layer ids) and the drafter config (hidden
+    size, vocab, top-k, final_hidden for ``l1_mode: exact``) through the store's own
+    ``check_compatible``; on resume also against the store the checkpoint was trained on.
+    """
+    m = store.manifest
+    want_layers = resolve_layer_ids(params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids)
+    check_compatible(
+        m,
+        target_name=params.target.path,
+        layer_ids=want_layers,
+        hidden_size=draft_cfg.hidden_size,
+        vocab_size=draft_cfg.vocab_size,
+        need_topk=True,
+        need_final_hidden=params.train.l1_mode == "exact",
+        store=store.path,
+    )
+    if list(m.layer_ids) != list(draft_cfg.target_layer_ids):
+        raise StoreMismatchError(
+            f"feature store ({store.path}) layer_ids={list(m.layer_ids)} but the drafter config needs "
+            f"layer_ids={list(draft_cfg.target_layer_ids)}"
+        )
+    if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
+        raise StoreMismatchError(
+            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
+            f"resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
+        )
+
+
+def batch_anchors(batch: dict, num_anchors: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors [Bt, A] int64 and keep [Bt, A] bool for a micro-batch.
+
+    Each sample draws from its own generator seeded by (seed, step, dataset index). That is a
+    function of the data order only, so a resumed run draws exactly the anchors of an
+    uninterrupted one, and so does a run with another world size / micro-batch split of the
+    same global batch (what makes 1 x micro 2 and 2 x micro 1 give identical steps).
+    """
+    rows = []
+    for b in range(len(batch["lengths"])):
+        g = torch.Generator().manual_seed(seed_for(seed, step, int(batch["index"][b])))
+        n = int(batch["lengths"][b])
+        rows.append(sample_anchors(batch["loss_mask"][b : b + 1, :n], batch["lengths"][b : b + 1], num_anchors, g))
+    width = max(a.shape[1] for a, _ in rows)
+    anchors = torch.zeros(len(rows), width, dtype=torch.int64)  # [Bt, A], padding anchor 0
+    keep = torch.zeros(len(rows), width, dtype=torch.bool)  # [Bt, A]
+    for b, (a, k) in enumerate(rows):
+        anchors[b, : a.shape[1]], keep[b, : k.shape[1]] = a[0], k[0]
+    return anchors, keep
 
 
 class FeatureDataset(Dataset):

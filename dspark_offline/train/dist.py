@@ -3,7 +3,7 @@
 Three ways to start training, one code path:
 
 * plain process (``dspark-offline train``): no launcher variables are set, so we make a
-  world of one ourselves (``RANK=0``, ``WORLD_SIZE=1``, a free local port);
+  world of one ourselves (an in-memory rendezvous store, no port);
 * ``torchrun --nproc_per_node=N -m dspark_offline.cli train ...`` (multi-node:
   ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``);
 * ``deepspeed --num_gpus=N [--hostfile hosts] -m dspark_offline.cli train ...`` (multi-node by
@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what env:// rendezvous reads
 
 
 @dataclass(frozen=True)
@@ -56,24 +55,16 @@ class LauncherEnvError(RuntimeError):
     """The launcher environment is inconsistent (e.g. RANK set without WORLD_SIZE)."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _read_launcher_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher, or a world of one when there is none."""
-    present = [v for v in _LAUNCHER_VARS if v in os.environ]
-    if not present:
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
-    elif len(present) != len(_LAUNCHER_VARS):
-        missing = sorted(set(_LAUNCHER_VARS) - set(present))
+def _read_launcher_env() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) set by a launcher, or None when there is no launcher."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    missing = [v for v in _LAUNCHER_VARS if v not in os.environ]
+    if missing:
+        present = [v for v in _LAUNCHER_VARS if v in os.environ]
         raise LauncherEnvError(
             f"launcher environment is partial: {', '.join(present)} set but {', '.join(missing)} missing; "
-            "start with torchrun / deepspeed, or unset them all for a single process"
+            "start with torchrun / deepspeed, or unset RANK and WORLD_SIZE for a single process"
         )
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -97,7 +88,10 @@ def setup() -> DistInfo:
     use_cuda = torch.cuda.is_available()
     # DeepSpeed picks its accelerator once, on first use; tell it before importing it.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
-    rank, local_rank, world = _read_launcher_env()
+    launched = _read_launcher_env()
+    rank, local_rank, world = launched or (0, 0, 1)
+    if not launched:
+        os.environ.setdefault("LOCAL_RANK", "0")  # the DeepSpeed engine insists on reading it
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -105,7 +99,13 @@ def setup() -> DistInfo:
         _disable_cpu_shm_comm()
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+        if launched:
+            torch.distributed.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+        else:
+            # A world of one needs no rendezvous: an in-memory store, no port, no env to leak into
+            # subprocesses (a child that inherited RANK/MASTER_PORT would try to join this group).
+            store = torch.distributed.HashStore()
+            torch.distributed.init_process_group(backend=backend, store=store, rank=0, world_size=1)
     elif torch.distributed.get_world_size() != world:
         raise LauncherEnvError(
             f"torch.distributed is already initialised with world size {torch.distributed.get_world_size()} "

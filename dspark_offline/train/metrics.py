@@ -66,3 +66,43 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
         return []
     cols = lines[0].split("\t")
     return [{c: float(v) for c, v in zip(cols, ln.split("\t"), strict=True)} for ln in lines[1:] if ln]
+
+
+def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, device) -> dict[str, float]:
+    """One optimizer step's metrics over its micro-batches and all data-parallel ranks.
+
+    ``micro`` holds (loss, metrics) per micro-batch, ``metrics`` as returned by ``dspark_loss``
+    (per-rank weighted means plus their weights). Each mean is re-pooled with its own weight
+    (ce/l1/conf by Σw, accuracy by tokens, tau by blocks), so the logged value is the same
+    token-pooled number one process with the whole batch would log. ``loss`` is already pooled
+    per micro-batch (each rank returns world x its share of the pooled mean), so it is averaged
+    over ranks and micro-batches. ``tokens`` (this rank's input tokens of the step) is summed
+    over ranks. Collective: every rank must call it.
+    """
+    import torch
+
+    pooled = [("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("accuracy", "tokens"),
+              ("tau_probabilistic", "blocks")]
+    # sums: [loss, Σw·ce, Σw, Σw·l1, Σw, Σw·conf, Σw, tokens·acc, tokens, blocks·tau, blocks, input tokens]
+    sums = torch.zeros(2 + 2 * len(pooled), dtype=torch.float64)
+    sums[-1] = float(tokens)
+    for loss, m in micro:
+        sums[0] += float(loss)
+        for k, (name, weight) in enumerate(pooled):
+            w = float(m.get(weight, 0.0))
+            if w > 0 and math.isfinite(m.get(name, math.nan)):
+                sums[1 + 2 * k] += w * float(m[name])
+                sums[2 + 2 * k] += w
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        sums = sums.to(device)
+        torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
+    out = {"loss": float(sums[0]) / (len(micro) * world)}
+    for k, (name, _) in enumerate(pooled):
+        den = float(sums[2 + 2 * k])
+        out[name] = float(sums[1 + 2 * k]) / den if den > 0 else math.nan
+    out["acc"] = out.pop("accuracy")
+    out["supervised_tokens"] = float(sums[8])  # evaluated slots over all ranks and micro-batches
+    out["tokens"] = float(sums[-1])  # input tokens of the step over all ranks
+    return out

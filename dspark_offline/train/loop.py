@@ -1,0 +1,127 @@
+"""Stage 2: train the DSpark drafter from the feature store with DeepSpeed ZeRO-2.
+
+The target is never loaded: the store holds its layer states, top-k and head weights.
+
+    # one process (CPU: fp32 or bf16, gloo; a world of one is set up here)
+    dspark-offline train --params params.yaml
+    # one node, 8 GPUs
+    torchrun --nproc_per_node=8 -m dspark_offline.cli train --params params.yaml
+    deepspeed --num_gpus=8 -m dspark_offline.cli train --params params.yaml
+    # several nodes (hostfile lines: "node1 slots=8"), shared filesystem for store + output_dir
+    deepspeed --hostfile hosts -m dspark_offline.cli train --params params.yaml
+    # CPU, 2 processes (what CI runs):  DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 ...
+
+A tiny CPU run (a store from the tiny profile, `train.max_steps: 5`) takes seconds.
+`train.resume: true` continues from the latest checkpoint with the same data order and anchors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dspark_offline.config import Params
+from dspark_offline.model import DraftModelConfig, DSparkDraft, dspark_loss
+from dspark_offline.store import open_store
+from dspark_offline.train import checkpoint, dist
+from dspark_offline.train.dataset import (
+    FeatureDataset, ResumableSampler, SamplerPosition, batch_anchors, check_store, collate, select_samples,
+)
+from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
+from dspark_offline.train.metrics import MetricsSink, pool_step_metrics
+from dspark_offline.train.schedule import WarmupCosine, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> dict:
+    """Train; returns the summary also written to ``<output_dir>/metrics.json``."""
+    tc, out_dir = params.train, Path(params.train.output_dir)
+    info = dist.setup()
+    import deepspeed  # after dist.setup(): DS_ACCELERATOR must be set before DeepSpeed picks one
+
+    # -- data: store -> compatibility -> filter -> batch math ----------------------------------
+    store = open_store(params.dump.store, complete_only=True)
+    cfg = DraftModelConfig.from_manifest(store.manifest, params.draft)
+    resume_from = checkpoint.latest_checkpoint(out_dir) if tc.resume else None
+    resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
+    check_store(store, params, cfg, resume_meta)
+    indices = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
+    lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
+    plan = plan_batches(tc, len(indices), int(lengths.sum()), info.world_size)
+    if info.is_main:
+        log.info("store %s: %d/%d samples kept; %s", store.path, len(indices), len(store), plan.describe())
+        if resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
+            log.warning("fresh run: removing old checkpoints in %s", checkpoint.checkpoints_dir(out_dir))
+            shutil.rmtree(checkpoint.checkpoints_dir(out_dir))
+    dist.barrier()
+
+    # -- model, optimizer, schedule, DeepSpeed engine ------------------------------------------
+    torch.manual_seed(tc.seed)
+    model = DSparkDraft(cfg)
+    head = store.target_weights()
+    model.set_target_head(head["embed_tokens"], head["lm_head"])  # frozen, not in the state dict
+    dtype = resolve_dtype(tc.dtype, info.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    schedule = WarmupCosine(plan.total_steps, plan.warmup_steps, tc.min_lr_ratio)
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lambda opt: make_scheduler(opt, schedule),
+        config=deepspeed_config(tc, plan, dtype, info.device),
+    )
+
+    # -- resume ----------------------------------------------------------------------------------
+    step, pos, values = 0, SamplerPosition(), {}
+    if resume_from is not None:
+        meta = checkpoint.load(engine, resume_from)
+        step, pos, values = int(meta["step"]), SamplerPosition(**meta["sampler"]), meta.get("metrics", {})
+        lr_scheduler.lr_lambdas = [schedule]  # this run's plan decides the rest of the curve
+        log.info("resumed from %s at step %d (epoch %d, sample %d)", resume_from, step, pos.epoch, pos.index)
+    elif tc.resume:
+        log.info("train.resume: no checkpoint in %s, starting fresh", out_dir)
+
+    sampler = ResumableSampler(len(indices), micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
+                               world_size=info.world_size, rank=info.rank, seed=tc.seed, position=pos)
+    batches = iter(DataLoader(FeatureDataset(store, indices, tc.max_length), batch_size=tc.micro_batch_size,
+                              sampler=sampler, collate_fn=collate, num_workers=0))
+    sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step)
+    bar = tqdm(total=plan.total_steps, initial=step, unit="step", desc="train", disable=not info.is_main)
+
+    # -- the loop: grad_accum micro-batches per optimizer step -----------------------------------
+    while step < plan.total_steps:
+        t0, micro, tokens, lr = time.perf_counter(), [], 0, lr_scheduler.get_last_lr()[0]
+        for _ in range(plan.grad_accum):
+            batch = next(batches)
+            anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, step)
+            batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, m = dspark_loss(engine, batch, anchors.to(info.device), keep.to(info.device), tc)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the update (clipped) at the accumulation boundary
+            micro.append((loss.item(), m))
+            tokens += int(batch["lengths"].sum())
+        step, pos = step + 1, sampler.advance(pos)
+        values = pool_step_metrics(micro, tokens, info.device)
+        values.update(lr=lr, tokens_per_s=values["tokens"] / (time.perf_counter() - t0))
+        if step % tc.log_every == 0 or step == plan.total_steps:
+            sink.log(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{values['tau_probabilistic']:.2f}",
+                        tok_s=f"{values['tokens_per_s']:.0f}")
+        bar.update(1)
+        if step % tc.save_every == 0 or step == plan.total_steps:
+            meta = {"step": step, "epoch": pos.epoch, "sampler": pos.as_dict(), "plan": plan.as_dict(),
+                    "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
+                    "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
+                    "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values}
+            checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
+    bar.close()
+
+    summary = {"step": step, "epochs": step / plan.steps_per_epoch, **values, "plan": plan.as_dict(),
+               "checkpoint": str(checkpoint.checkpoints_dir(out_dir) / checkpoint.tag_for(step))}
+    sink.finish(summary)
+    return summary
