@@ -32,8 +32,8 @@ _WHITESPACE = " \t\n\r"
 class ArrayTail:
     """What was found after the last complete element (filled in when iteration ends)."""
 
-    truncated: bool = False  # the array was cut off inside an element
-    truncated_at_char: int | None = None  # character offset where the incomplete element starts
+    truncated: bool = False  # the file ended before the closing ']' (inside or between elements)
+    truncated_at_char: int | None = None  # character offset where the incomplete tail starts
     closed: bool = False  # the closing ']' was seen
 
 
@@ -51,6 +51,10 @@ class JsonArrayReader:
         self.read_chars = read_chars
         self.tail = ArrayTail()
         self._decoder = json.JSONDecoder()
+
+    def _cut(self, at_char: int) -> None:
+        self.tail.truncated = True
+        self.tail.truncated_at_char = at_char
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -82,8 +86,9 @@ class JsonArrayReader:
             index = 0
             while True:
                 skip_ws()
-                if pos >= len(buf):
-                    return  # '[' and then nothing: cut right after a separator
+                if pos >= len(buf):  # end of file before ']': cut between elements
+                    self._cut(consumed + pos)
+                    return
                 if buf[pos] == "]":
                     self.tail.closed = True
                     return
@@ -96,6 +101,7 @@ class JsonArrayReader:
                     pos += 1
                     skip_ws()
                     if pos >= len(buf):
+                        self._cut(consumed + pos)
                         return
                 start = pos
                 while True:
@@ -108,8 +114,7 @@ class JsonArrayReader:
                             start = pos
                             continue
                         if fixable:  # end of file inside an element: the array was cut off
-                            self.tail.truncated = True
-                            self.tail.truncated_at_char = consumed + start
+                            self._cut(consumed + start)
                             return
                         raise SourceError(
                             f"{self.path}: malformed JSON in array element {index} "
