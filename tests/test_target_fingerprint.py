@@ -44,3 +44,13 @@ def test_tokenizer_hashes(tiny_llama_dir):
     assert tokenizer_hashes(tok) == (tok_hash, tokenizer_hashes(tok)[1]) and tokenizer_hashes(tok)[1] != tmpl_hash
     tok.add_tokens(["<|brand_new|>"], special_tokens=True)
     assert tokenizer_hashes(tok)[0] != tok_hash
+
+
+def test_tokenizer_hashes_agree_with_prepare(tiny_qwen3_dir):
+    """dump compares prepared meta.json hashes with target.info: both sides must hash alike."""
+    from dspark_offline.data.render import chat_template_hash, tokenizer_hash
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    assert tokenizer_hashes(tok) == (tokenizer_hash(tok), chat_template_hash(tok))
+    tok.chat_template = {"default": tok.chat_template, "tool_use": "{{ messages }}"}
+    assert tokenizer_hashes(tok)[1] == chat_template_hash(tok)

@@ -66,20 +66,20 @@ def tokenizer_hashes(tokenizer) -> tuple[str, str]:
 
     The tokenizer hash covers what decides token ids: for fast tokenizers the full serialised
     ``tokenizer.json`` (model, normaliser, pre-tokeniser, added tokens); otherwise the sorted
-    vocabulary plus added tokens. The chat template hash covers the template text (all named
-    templates when it is a dict); a tokenizer without one hashes the empty string.
+    vocabulary. The chat template hash covers the template text (all named templates, as sorted
+    JSON, when it is a dict). Both are defined exactly as ``prepare`` writes them into the
+    prepared data's ``meta.json`` (``dspark_offline.data.render``; a test keeps the two equal),
+    because ``dump`` refuses prepared tokens whose hashes differ from the target's.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         payload = backend.to_str()
     else:
-        payload = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(
-            sorted(tokenizer.get_added_vocab().items())
-        )
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
         template = json.dumps(template, sort_keys=True)
     return (
-        hashlib.sha256(payload.encode()).hexdigest()[:16],
-        hashlib.sha256(template.encode()).hexdigest()[:16],
+        hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16],
+        hashlib.sha256(template.encode("utf-8")).hexdigest()[:16],
     )
