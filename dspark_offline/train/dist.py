@@ -83,11 +83,14 @@ def _disable_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def select_accelerator() -> str:
+    """Tell DeepSpeed which accelerator to use (it picks once, on first use): cuda or cpu."""
+    return os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup() -> DistInfo:
     """Initialise torch.distributed (idempotent) and DeepSpeed's accelerator for this process."""
-    use_cuda = torch.cuda.is_available()
-    # DeepSpeed picks its accelerator once, on first use; tell it before importing it.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
+    use_cuda = select_accelerator() == "cuda"
     launched = _read_launcher_env()
     rank, local_rank, world = launched or (0, 0, 1)
     if not launched:
