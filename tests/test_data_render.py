@@ -82,7 +82,7 @@ def test_truncation_keeps_prefix_and_skips_when_nothing_supervised(tok):
 
 def test_generic_template_with_spaced_end_of_turn(tok):
     """A non-ChatML template (Llama-2 style: content, space, then an end token) also works."""
-    tok = load_tokenizer_copy(tok)
+    tok = _copy(tok)
     tok.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}[A] {{ m['content'] }} <|endoftext|>\n"
         "{% else %}[{{ m['role'] }}] {{ m['content'] }}\n{% endif %}{% endfor %}"
@@ -96,14 +96,15 @@ def test_generic_template_with_spaced_end_of_turn(tok):
     ]
 
 
-def load_tokenizer_copy(tok):
+def _copy(tok):
+    """A private tokenizer to change the chat template of (the module fixture is shared)."""
     import copy
 
     return copy.deepcopy(tok)
 
 
 def test_template_without_end_of_turn_token_is_a_template_mismatch(tok):
-    tok = load_tokenizer_copy(tok)
+    tok = _copy(tok)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(RenderSkip) as info:
         render_conversation(tok, CONV, max_length=4096)
@@ -111,7 +112,7 @@ def test_template_without_end_of_turn_token_is_a_template_mismatch(tok):
 
 
 def test_hashes_are_stable_and_sensitive(tok):
-    other = load_tokenizer_copy(tok)
+    other = _copy(tok)
     assert tokenizer_hash(tok) == tokenizer_hash(other)
     assert chat_template_hash(tok) == chat_template_hash(other)
     other.chat_template = other.chat_template + " "

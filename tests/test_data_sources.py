@@ -13,7 +13,10 @@ from dspark_offline.data.jsonstream import JsonArrayReader
 from dspark_offline.data.skips import SkipLog
 from dspark_offline.data.sources import SourceStats, detect_container, read_conversations, resolve_source
 
-GOOD = {"id": "ok", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+GOOD = {
+    "id": "ok",
+    "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+}
 
 
 def _read(path: Path, fmt: str = "auto", **kw):
@@ -33,7 +36,10 @@ BAD_RECORDS = {
     "unknown_fields": {"id": "x", "conversations": [{"speaker": "user", "text": "a"}]},
     "non_string_content": {"id": "x", "conversations": [{"role": "user", "content": ["a"]}]},
     "unknown_role": {"id": "x", "conversations": _turns(("user", "a"), ("tool", "b"))},
-    "wrong_role_order": {"id": "x", "conversations": _turns(("user", "a"), ("user", "b"), ("assistant", "c"))},
+    "wrong_role_order": {
+        "id": "x",
+        "conversations": _turns(("user", "a"), ("user", "b"), ("assistant", "c")),
+    },
     "no_assistant_turn": {"id": "x", "conversations": []},
     "empty_assistant_turn": {"id": "x", "conversations": _turns(("user", "a"), ("assistant", "  \n"))},
 }
@@ -67,7 +73,10 @@ def test_more_order_rules_and_duplicates(tmp_path):
     records = [
         {"id": "a", "conversations": _turns(("assistant", "first"), ("user", "q"), ("assistant", "r"))},
         {"id": "b", "conversations": _turns(("user", "q"), ("assistant", "r"), ("system", "late"))},
-        {"id": "c", "conversations": _turns(("system", "s"), ("user", "q"), ("assistant", "r"), ("user", "left"))},
+        {
+            "id": "c",
+            "conversations": _turns(("system", "s"), ("user", "q"), ("assistant", "r"), ("user", "left")),
+        },
         {"id": "c", "conversations": _turns(("user", "q"), ("assistant", "r"))},
         {"id": "d", "conversations": _turns(("system", "s"), ("user", "q"))},
         {"id": "e", "conversations": [{"role": "user"}]},
@@ -92,7 +101,9 @@ def test_more_order_rules_and_duplicates(tmp_path):
 def test_sharegpt_roles_are_mapped_and_format_is_enforced(tmp_path):
     rec = {
         "id": 7,
-        "conversations": _turns(("human", "q1"), ("chatgpt", "a1"), ("Human", "q2"), ("bing", "a2"), keys=("from", "value")),
+        "conversations": _turns(
+            ("human", "q1"), ("chatgpt", "a1"), ("Human", "q2"), ("bing", "a2"), keys=("from", "value")
+        ),
     }
     path = tmp_path / "s.json"
     path.write_text(json.dumps([rec]))
@@ -105,7 +116,12 @@ def test_sharegpt_roles_are_mapped_and_format_is_enforced(tmp_path):
 
 def test_truncated_json_array_keeps_only_complete_records(tmp_path):
     records = [
-        {"id": f"r{i}", "conversations": _turns(("human", f'q{i} "x" \\u00e9 ]}}'), ("gpt", "a" * 300), keys=("from", "value"))}
+        {
+            "id": f"r{i}",
+            "conversations": _turns(
+                ("human", f'q{i} "x" \\u00e9 ]}}'), ("gpt", "a" * 300), keys=("from", "value")
+            ),
+        }
         for i in range(40)
     ]
     parts = [json.dumps(r, indent=2) for r in records]
@@ -171,7 +187,7 @@ def test_limits_stop_reading_early(tmp_path):
 def test_embedded_sharegpt_gives_64_conversations_quickly():
     path = resolve_source("embedded:sharegpt")
     start = time.perf_counter()
-    convs, skips, stats = _read(path, max_valid=64)
+    convs, _skips, stats = _read(path, max_valid=64)
     elapsed = time.perf_counter() - start
     assert len(convs) == 64 and len({c.id for c in convs}) == 64
     assert all(m["role"] in ("system", "user", "assistant") for c in convs for m in c.messages)

@@ -15,9 +15,10 @@ after that, it is an error naming the file, element and character offset.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dspark_offline.data.errors import SourceError
 

