@@ -17,8 +17,6 @@ Qwen 3...). Each sample's tokens are checked against `apply_chat_template(tokeni
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,21 +59,22 @@ def load_tokenizer(target_path: str, cache_dir: str | None = None) -> Any:
     return tokenizer
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def tokenizer_hash(tokenizer: Any) -> str:
-    """Hash of the whole tokenizer definition (vocab, merges, normaliser, added tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return _short_hash(backend.to_str())
-    return _short_hash(json.dumps(sorted(tokenizer.get_vocab().items())))
+    """Hash of the whole tokenizer definition (vocab, merges, normaliser, added tokens).
+
+    One definition for the whole project: `target.fingerprint` computes the hashes the dump
+    puts in the store manifest and compares with our meta.json, so we delegate to it.
+    """
+    from dspark_offline.target.fingerprint import tokenizer_hashes
+
+    return tokenizer_hashes(tokenizer)[0]
 
 
 def chat_template_hash(tokenizer: Any) -> str:
-    template = tokenizer.chat_template
-    return _short_hash(template if isinstance(template, str) else json.dumps(template, sort_keys=True))
+    """Hash of the chat template text (all named templates when it is a dict)."""
+    from dspark_offline.target.fingerprint import tokenizer_hashes
+
+    return tokenizer_hashes(tokenizer)[1]
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern:
