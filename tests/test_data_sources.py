@@ -193,3 +193,26 @@ def test_embedded_sharegpt_gives_64_conversations_quickly():
     assert all(m["role"] in ("system", "user", "assistant") for c in convs for m in c.messages)
     assert all(c.messages[-1]["role"] == "assistant" for c in convs)
     assert stats.records_read < 500 and elapsed < 10  # streamed: the 125 MB file is not loaded
+
+
+def test_sharegpt_as_jsonl_and_non_utf8_inside_a_json_array(tmp_path):
+    sg = {"id": "s", "conversations": _turns(("human", "q"), ("gpt", "a"), keys=("from", "value"))}
+    path = tmp_path / "sg.jsonl"
+    path.write_text(json.dumps(sg) + "\n" + json.dumps(GOOD) + "\n")
+    convs, skips, stats = _read(path)
+    assert stats.container == "jsonl" and [c.id for c in convs] == ["s", "ok"] and skips.total == 0
+    assert convs[0].messages == (
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    )
+    # an invalid byte inside one element of a JSON array skips that element only
+    raw = json.dumps([dict(GOOD, id="a"), dict(GOOD, id="b"), dict(GOOD, id="c")]).encode()
+    raw = raw.replace(
+        b'"b", "conversations": [{"role": "user", "content": "hi"',
+        b'"b", "conversations": [{"role": "user", "content": "h\xffi"',
+    )
+    path = tmp_path / "arr.json"
+    path.write_bytes(raw)
+    convs, skips, _ = _read(path)
+    assert [c.id for c in convs] == ["a", "c"]
+    assert dict(skips.counts) == {"not_utf8": 1} and skips.examples["not_utf8"][0]["where"] == "element 1"
