@@ -92,11 +92,34 @@ def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | Non
             f"feature store ({store.path}) layer_ids={list(m.layer_ids)} but the drafter config needs "
             f"layer_ids={list(draft_cfg.target_layer_ids)}"
         )
+    _probe_first_sample(store, need_final_hidden=params.train.l1_mode == "exact")
     if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
         raise StoreMismatchError(
             f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
             f"resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
         )
+
+
+def _probe_first_sample(store: Any, need_final_hidden: bool) -> None:
+    """Read sample 0 and check its arrays against the manifest, so a store whose arrays are
+    missing or malformed fails before step 1 rather than at some later batch."""
+    m = store.manifest
+    try:
+        s = store.sample(0)
+    except Exception as e:
+        raise SampleReadError(f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}") from e
+    n, L, H, K = len(s.input_ids), len(m.layer_ids), m.target.hidden_size, m.top_k
+    want = {"hidden": (n, L, H), "topk_ids": (n, K), "topk_probs": (n, K)}
+    if need_final_hidden:
+        want["final_hidden"] = (n, H)
+    for name, shape in want.items():
+        t = getattr(s, name)
+        got = None if t is None else tuple(t.shape)
+        if got != shape:
+            raise StoreMismatchError(
+                f"feature store ({store.path}) sample 0 has {name} of shape {got} but the manifest "
+                f"(layer_ids={list(m.layer_ids)}, hidden_size={H}, top_k={K}) needs {shape}"
+            )
 
 
 def batch_anchors(batch: dict, num_anchors: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:

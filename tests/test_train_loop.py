@@ -1,0 +1,171 @@
+"""Stage 2 end to end in one process (DeepSpeed ZeRO-2 on CPU, gloo, world of one):
+training outputs, resume equivalence, store/drafter compatibility, export round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from test_train_synthetic_store import TARGET_NAME, make_store
+
+from dspark_offline.config import Params
+from dspark_offline.model import DraftModelConfig, DSparkDraft
+from dspark_offline.model.serving import load_serving
+from dspark_offline.store import StoreMismatchError, open_store
+from dspark_offline.train import checkpoint
+from dspark_offline.train.dataset import SampleReadError
+from dspark_offline.train.export import consolidated_state_dict
+from dspark_offline.train.export import run as export_run
+from dspark_offline.train.loop import run as train_run
+from dspark_offline.train.metrics import read_tsv
+
+
+@pytest.fixture(autouse=True)
+def _scoped_local_rank(monkeypatch):
+    """dist.setup() sets LOCAL_RANK for DeepSpeed; keep it from leaking into other tests."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "features.zarr", num_samples=12)
+
+
+def make_params(store, out, **train) -> Params:
+    base = {"output_dir": str(out), "max_steps": 4, "micro_batch_size": 2, "num_anchors": 8, "save_every": 2,
+            "learning_rate": 3e-3, "warmup_ratio": 0.0, "dtype": "float32"}
+    return Params.model_validate({
+        "target": {"path": TARGET_NAME},
+        "dump": {"store": str(store), "layer_ids": [1, 3]},
+        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
+        "train": {**base, **train},
+        "export": {"output": str(out / "drafter")},
+    })
+
+
+def test_training_writes_metrics_checkpoints_and_meta(store, tmp_path):
+    summary = train_run(make_params(store, tmp_path, max_steps=6, save_every=4))
+    rows = read_tsv(tmp_path / "metrics" / "train.tsv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for col in ("loss", "ce", "l1", "conf", "acc", "tau_probabilistic", "lr", "tokens_per_s"):
+        assert all(math.isfinite(r[col]) for r in rows), col
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns (fixed seeds: deterministic)
+    assert 1.0 <= rows[-1]["tau_probabilistic"] <= 1 + 4
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["step"] == 6 and saved["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-5)
+    assert saved["plan"]["global_batch"] == 2 and saved["plan"]["steps_per_epoch"] == 6
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(tmp_path))
+    assert meta["step"] == 6 and meta["epoch"] == 1 and meta["sampler"] == {"epoch": 1, "index": 0}
+    assert meta["store_fingerprint"] == open_store(str(store)).manifest.params_fingerprint
+    assert meta["params"]["train"]["max_steps"] == 6 and meta["draft_config"]["target_layer_ids"] == [1, 3]
+    assert summary["loss"] == saved["loss"]
+
+
+def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
+    """Acceptance (5): killed after step s=3, resumed, reaches 2s=6 with the same parameters.
+
+    grad_accum 2 and an epoch boundary inside the run (12 samples / global batch 2 = 6 steps)
+    exercise the sampler position, the anchor seeds and the LR scheduler state.
+    """
+    kw = dict(max_steps=6, save_every=3, micro_batch_size=1, grad_accum=2, warmup_ratio=0.3, max_length=32)
+    straight = tmp_path / "straight"
+    train_run(make_params(store, straight, **kw))
+
+    class Killed(Exception):
+        pass
+
+    real_save = checkpoint.save
+
+    def save_then_die(engine, out, step, meta, *, is_main):
+        path = real_save(engine, out, step, meta, is_main=is_main)
+        if step == 3:
+            raise Killed
+        return path
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        train_run(make_params(store, broken, **kw))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.latest_checkpoint(broken).name == "step-00000003"
+    train_run(make_params(store, broken, resume=True, **kw))
+
+    a = consolidated_state_dict(checkpoint.latest_checkpoint(straight))
+    b = consolidated_state_dict(checkpoint.latest_checkpoint(broken))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    rows_a, rows_b = read_tsv(straight / "metrics" / "train.tsv"), read_tsv(broken / "metrics" / "train.tsv")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb["loss"] == ra["loss"] and rb["lr"] == ra["lr"]
+    # no checkpoint after the last: resuming a finished run is a no-op that keeps the summary
+    again = train_run(make_params(store, broken, resume=True, **kw))
+    assert again["step"] == 6 and again["loss"] == pytest.approx(rows_a[-1]["loss"], rel=1e-5)  # TSV: 6 digits
+
+
+@pytest.mark.parametrize(
+    ("store_kw", "params_kw", "message"),
+    [
+        ({"target_name": "another-target"}, {}, r"target\.name='another-target'.*needs target\.name='synthetic-tiny'"),
+        ({"layer_ids": (2, 4)}, {}, r"layer_ids=\[2, 4\].*needs layer_ids=\[1, 3\]"),
+        ({"final_hidden": False}, {"l1_mode": "exact"}, r"has_final_hidden=False.*has_final_hidden=True"),
+        ({"top_k": 4, "drop": "topk_ids"}, {}, r"sample 0.*topk_ids"),
+    ],
+    ids=["other-target", "other-layer-ids", "exact-without-final-hidden", "missing-topk"],
+)
+def test_incompatible_store_is_refused_before_step_one(tmp_path, store_kw, params_kw, message):
+    """Acceptance (7): the error names the store's value and the one the drafter needs."""
+    drop = store_kw.pop("drop", None)
+    bad = make_store(tmp_path / "bad.zarr", **store_kw)
+    if drop:
+        shutil.rmtree(bad / "part-00000" / drop)
+    with pytest.raises((StoreMismatchError, SampleReadError), match=message):
+        train_run(make_params(bad, tmp_path / "out", **params_kw))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_refuses_a_different_store(store, tmp_path):
+    train_run(make_params(store, tmp_path, max_steps=2))
+    other = make_store(tmp_path / "other.zarr", seed=1)
+    with pytest.raises(StoreMismatchError, match="checkpoint being resumed was trained on params_fingerprint"):
+        train_run(make_params(other, tmp_path, max_steps=4, resume=True))
+
+
+def test_export_round_trip_gives_the_trained_logits(store, tmp_path):
+    params = make_params(store, tmp_path, max_steps=3, save_every=3)
+    train_run(params)
+    result = export_run(params)
+    assert result["step"] == 3 and (tmp_path / "drafter" / "config.json").is_file()
+
+    last = checkpoint.latest_checkpoint(tmp_path)
+    cfg = DraftModelConfig(**checkpoint.read_meta(last)["draft_config"])
+    trained = DSparkDraft(cfg)  # the live module weights DeepSpeed saved, independent of zero_to_fp32
+    trained.load_state_dict(torch.load(last / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+    fs = open_store(str(store))
+    head = fs.target_weights()
+    trained.set_target_head(head["embed_tokens"], head["lm_head"])
+    served = load_serving(tmp_path / "drafter", head["embed_tokens"], head["lm_head"])
+
+    s = fs.sample(0)
+    anchors = torch.tensor([[2, 5, 9]])  # [1, A]
+    keep = torch.ones_like(anchors, dtype=torch.bool)
+    with torch.no_grad():
+        logits = []
+        for model in (trained.eval(), served):
+            out = model(s.input_ids[None], s.hidden[None], anchors, keep)  # hidden [1, A, B, H]
+            logits.append(model.block_logits(out.hidden, out.block_ids))  # [1, A, B, V]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_bf16_training_and_export(store, tmp_path):
+    params = make_params(store, tmp_path, max_steps=2, dtype="bfloat16")
+    summary = train_run(params)
+    assert math.isfinite(summary["loss"])
+    export_run(params)
+    conf = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16"
