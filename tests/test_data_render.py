@@ -117,3 +117,15 @@ def test_hashes_are_stable_and_sensitive(tok):
     assert chat_template_hash(tok) == chat_template_hash(other)
     other.chat_template = other.chat_template + " "
     assert chat_template_hash(tok) != chat_template_hash(other)
+
+
+def test_template_that_rejects_a_conversation_is_a_template_mismatch(tok):
+    tok = _copy(tok)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tok.chat_template
+    )
+    with pytest.raises(RenderSkip, match="System role not supported") as info:
+        render_conversation(tok, CONV, max_length=4096)
+    assert info.value.reason == "template_mismatch"
+    assert render_conversation(tok, CONV[1:], max_length=4096).loss_mask.any()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
 
 from dspark_offline.data.errors import DataError
 
@@ -108,9 +109,12 @@ def assistant_spans(
             continue
         header_end = cursor
         for add_prompt in (True, False):
-            prefix = tokenizer.apply_chat_template(
-                list(messages[:k]), tokenize=False, add_generation_prompt=add_prompt
-            )
+            try:
+                prefix = tokenizer.apply_chat_template(
+                    list(messages[:k]), tokenize=False, add_generation_prompt=add_prompt
+                )
+            except TemplateError:  # e.g. a template that insists on ending with an assistant turn
+                continue
             if text.startswith(prefix):
                 header_end = max(cursor, len(prefix))
                 break
@@ -139,7 +143,10 @@ def assistant_spans(
 def render_conversation(tokenizer: Any, messages: Sequence[dict], max_length: int) -> RenderedSample:
     """Chat-template tokens and loss mask of one conversation, truncated to `max_length` tokens."""
     messages = list(messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError as err:  # templates may reject e.g. a system turn (Gemma) via raise_exception
+        raise RenderSkip("template_mismatch", f"the chat template rejected the conversation: {err}") from None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if ids != _template_ids(tokenizer, messages):

@@ -24,8 +24,8 @@ REASONS: dict[str, str] = {
     "no_assistant_turn": "no assistant turn at all (e.g. empty conversation, a lone user turn)",
     "empty_assistant_turn": "an assistant turn whose content is empty or only whitespace",
     "duplicate_id": "the same record id was already used by an earlier record",
-    "template_mismatch": "the rendered text does not tokenise to apply_chat_template(tokenize=True), "
-    "or an assistant message is not found verbatim in the rendered text",
+    "template_mismatch": "the chat template rejects the conversation, its rendered text does not tokenise "
+    "to apply_chat_template(tokenize=True), or an assistant message is not found in it",
     "no_supervised_tokens": "no assistant token left after truncation to max_length",
 }
 
