@@ -161,6 +161,8 @@ def run(params: Params) -> Path:
     out = Path(cfg.output)
     meta = write_prepared(out, splits, meta, report)
     _print_summary(out, stats, len(pool), tokenised, int(truncated), meta, skips)
+    for problem in problems:  # again after the tables, where it cannot be missed
+        print(f"[prepare] WARNING: {problem}", file=sys.stderr)
     return out
 
 
