@@ -11,12 +11,12 @@ from dspark_offline.model import DraftConfigError, DraftModelConfig
 
 
 def manifest(**target_overrides):
-    target = dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-        intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=100000.0, vocab_size=49152,
-        max_position_embeddings=8192, architecture="LlamaForCausalLM", mask_token_id=None,
-        tokenizer_size=49152, special_tokens={"<|endoftext|>": 0, "<|im_start|>": 1, "<repo_name>": 4},
-    )
+    target = {
+        "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "intermediate_size": 1536, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "architecture": "LlamaForCausalLM", "mask_token_id": None,
+        "tokenizer_size": 49152, "special_tokens": {"<|endoftext|>": 0, "<|im_start|>": 1, "<repo_name>": 4},
+    }
     target.update(target_overrides)
     return SimpleNamespace(target=SimpleNamespace(**target), layer_ids=[1, 7, 13, 19, 26])
 
@@ -37,10 +37,10 @@ def test_dims_from_manifest():
 @pytest.mark.parametrize(
     "target, draft, want",
     [
-        (dict(mask_token_id=7), dict(mask_token_id=5), 5),  # explicit id wins
-        (dict(mask_token_id=7), dict(mask_token="<repo_name>"), 7),  # target's own mask token
-        (dict(vocab_size=49216), dict(mask_token="<repo_name>"), 49152),  # spare embedding row
-        (dict(), dict(mask_token="<|im_start|>"), 1),  # named special token
+        ({"mask_token_id": 7}, {"mask_token_id": 5}, 5),  # explicit id wins
+        ({"mask_token_id": 7}, {"mask_token": "<repo_name>"}, 7),  # target's own mask token
+        ({"vocab_size": 49216}, {"mask_token": "<repo_name>"}, 49152),  # spare embedding row
+        ({}, {"mask_token": "<|im_start|>"}, 1),  # named special token
     ],
 )
 def test_mask_token_resolution_order(target, draft, want):

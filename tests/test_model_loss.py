@@ -26,7 +26,7 @@ def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=False):
     fh = torch.randn(bt, s, cfg.hidden_size, generator=g)
     probs = torch.softmax((fh @ model.lm_head_weight.T).float(), dim=-1)  # [bt, s, V]
     tp, ti = probs.topk(k, dim=-1)
-    batch = dict(input_ids=ids, loss_mask=mask, lengths=lengths, hidden=hidden, topk_ids=ti, topk_probs=tp)
+    batch = {"input_ids": ids, "loss_mask": mask, "lengths": lengths, "hidden": hidden, "topk_ids": ti, "topk_probs": tp}
     if final_hidden:
         batch["final_hidden"] = fh
     return batch

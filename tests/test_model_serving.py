@@ -140,7 +140,7 @@ def test_draft_block_matches_training_forward(make_tiny_draft):
 def test_draft_block_sampling_is_seeded(make_tiny_draft):
     model = make_tiny_draft().eval()
     ctx = model.context(torch.randn(1, 8, 2, 32))
-    run = lambda seed: model.draft_block(ctx, torch.arange(8), 3, 8, 1.0, torch.Generator().manual_seed(seed))  # noqa: E731
+    run = lambda seed: model.draft_block(ctx, torch.arange(8), 3, 8, 1.0, torch.Generator().manual_seed(seed))
     r1, r2 = run(0), run(0)
     assert torch.equal(r1.tokens, r2.tokens)
     assert torch.allclose(r1.probs.sum(-1), torch.ones(4)) and (r1.probs > 0).all()

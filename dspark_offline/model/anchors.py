@@ -15,7 +15,7 @@ def anchor_candidates(loss_mask: torch.Tensor, lengths: torch.Tensor) -> torch.T
     Both the anchor token (the block's given first token, x[a]) and its successor (slot 0's
     label) must be supervised tokens; otherwise the block would have no trained slot.
     """
-    bt, s = loss_mask.shape
+    _bt, s = loss_mask.shape
     m = loss_mask.bool()
     cand = torch.zeros_like(m)
     if s >= 2:

@@ -58,7 +58,7 @@ def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, l
 
     # only blocks with at least one supervised slot cost logits (slot 0 valid <=> any valid)
     bi, ai = tg["eval"][:, :, 0].nonzero(as_tuple=True)  # [N], [N]
-    pick = lambda t: t[bi, ai]  # noqa: E731  [Bt, A, ...] -> [N, ...]
+    pick = lambda t: t[bi, ai]
     h, prev, labels, w, e, src = (pick(t) for t in (out.hidden, tg["prev"], tg["labels"], tg["weight"],
                                                      tg["eval"], tg["src"]))
     rows = bi[:, None].expand_as(src)  # [N, B]
@@ -97,11 +97,11 @@ def _block_targets(input_ids, loss_mask, lengths, anchors, keep, b: int, gamma: 
     the block); w_j = e_j·exp(−j/γ); prev_j = x[a+j] (prev_0 = x[a]); the target distribution
     of slot j is the cached top-k at position a+j (`src`).
     """
-    bt, s = input_ids.shape
+    _bt, s = input_ids.shape
     j = torch.arange(b, device=anchors.device)
     lab_pos = anchors[:, :, None] + j + 1  # [Bt, A, B]
     lab_safe = lab_pos.clamp(max=s - 1)
-    flat = lambda t, idx: torch.gather(t, 1, idx.flatten(1)).view(idx.shape)  # noqa: E731
+    flat = lambda t, idx: torch.gather(t, 1, idx.flatten(1)).view(idx.shape)
     labels = flat(input_ids, lab_safe)
     ok = keep[:, :, None] & (lab_pos < lengths.to(anchors.device)[:, None, None]) & flat(loss_mask.bool(), lab_safe)
     ev = ok.to(torch.int64).cumprod(dim=-1).bool()
@@ -177,7 +177,7 @@ def _metrics(sums: dict, local_w: torch.Tensor, e: torch.Tensor, b: int) -> dict
     wsum = float(local_w)
     tokens_per_slot = e.float().sum(0)  # [B]
     tokens = float(tokens_per_slot.sum())
-    div = lambda x, d: float(x) / d if d > 0 else math.nan  # noqa: E731
+    div = lambda x, d: float(x) / d if d > 0 else math.nan
     m = {
         "ce": div(sums["ce"].detach(), wsum),
         "l1": div(sums["l1"].detach(), wsum),
