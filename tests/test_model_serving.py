@@ -62,7 +62,7 @@ def test_config_is_a_valid_qwen3_config(make_tiny_draft, tmp_path):
     assert (hf.hidden_size, hf.num_key_value_heads, hf.head_dim, hf.vocab_size) == (32, 2, 8, 97)
 
 
-@pytest.mark.parametrize("markov, confidence", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("markov, confidence", [(True, True), (True, False), (False, False), (False, True)])
 def test_export_reload_gives_identical_logits(make_tiny_draft, tmp_path, markov, confidence):
     model = make_tiny_draft(markov_head=markov, confidence_head=confidence).eval()
     save_serving(model, tmp_path)
@@ -96,7 +96,14 @@ def test_disabled_heads_export_for_sglang(make_tiny_draft, tmp_path):
     conf = json.loads((tmp_path / "dflash" / "config.json").read_text())
     t = load_file(str(tmp_path / "dflash" / "model.safetensors"))
     assert conf["architectures"] == ["DFlashDraftModel"] and conf["markov_rank"] == 0
+    assert conf["enable_confidence_head"] is False
     assert {k: tuple(v.shape) for k, v in t.items()} == expected_tensors(markov=False)
+    # DFlash with a trained confidence head (on h alone): kept, flagged, ignored by SGLang's DFlash
+    save_serving(make_tiny_draft(markov_head=False), tmp_path / "dflash_conf")
+    conf = json.loads((tmp_path / "dflash_conf" / "config.json").read_text())
+    t = load_file(str(tmp_path / "dflash_conf" / "model.safetensors"))
+    assert conf["enable_confidence_head"] is True and conf["confidence_head_with_markov"] is False
+    assert tuple(t["confidence_head.proj.weight"].shape) == (1, 32)
 
 
 def test_load_serving_errors(make_tiny_draft, tmp_path):

@@ -14,6 +14,9 @@ Facts taken from SGLang `models/dspark.py`, `models/dflash.py` and `dspark_confi
   missing. A DSpark drafter trained with the confidence head off therefore exports a neutral
   head (`enable_confidence_head: false`, `confidence_head_with_markov: false`, weight 0 and a
   large bias, sigmoid ≈ 1: it never cuts a block), so every loader version accepts it.
+- A DFlash drafter trained with a confidence head (on `h_j` alone) keeps it in the file with
+  `enable_confidence_head: true`: SGLang's DFlash loader ignores unknown tensors, our
+  `evaluate` uses it for early stopping.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def serving_config(cfg: DraftModelConfig, dtype: torch.dtype = torch.float32) ->
         "dflash_config": {"mask_token_id": cfg.mask_token_id, "target_layer_ids": list(cfg.target_layer_ids)},
         "markov_rank": cfg.markov_rank if dspark else 0,
         "markov_head_type": "vanilla",
-        "enable_confidence_head": bool(dspark and cfg.confidence_head),
+        "enable_confidence_head": bool(cfg.confidence_head),
         "confidence_head_with_markov": bool(dspark and cfg.confidence_head),
     }
 
@@ -106,7 +109,7 @@ def config_from_serving(conf: dict, where: str = CONFIG_FILE) -> DraftModelConfi
             block_size=conf["block_size"],
             markov_rank=int(conf["markov_rank"]) if dspark else 1,
             markov_head=dspark,
-            confidence_head=bool(dspark and conf.get("enable_confidence_head", False)),
+            confidence_head=bool(conf.get("enable_confidence_head", False)),
             mask_token_id=conf["dflash_config"]["mask_token_id"],
         )
     except (KeyError, IndexError, TypeError) as exc:
