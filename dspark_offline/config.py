@@ -56,7 +56,10 @@ class PrepareConfig(_Section):
     max_length: int = Field(1024, ge=8, description="Rendered conversations are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of the deterministic sample selection and train/eval split.")
     max_records: int | None = Field(
-        None, ge=1, description="Stop reading the source after this many records (None: read all)."
+        None,
+        ge=1,
+        description="Stop reading the source after this many records; None: stop once "
+        "4 x (num_samples + num_eval_samples) valid conversations are pooled.",
     )
 
 
