@@ -169,3 +169,30 @@ def test_bf16_training_and_export(store, tmp_path):
     export_run(params)
     conf = json.loads((tmp_path / "drafter" / "config.json").read_text())
     assert conf["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_train_and_export_from_a_real_dump(tiny_llama_dir, make_prepared, tmp_path):
+    """prepare -> dump (tiny random Llama, real 49k vocabulary) -> train -> export -> load."""
+    from dspark_offline import dump
+
+    prepared = make_prepared(6, min_len=16, max_len=40)
+    params = Params.model_validate({
+        "target": {"path": str(tiny_llama_dir), "dtype": "float32", "device": "cpu"},
+        "prepare": {"output": str(prepared)},
+        "dump": {"store": str(tmp_path / "features.zarr"), "num_layer_ids": 2, "top_k": 8, "shard_tokens": 64,
+                 "chunk_tokens": 16, "batch_tokens": 256},
+        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "micro_batch_size": 2, "num_anchors": 4,
+                  "chunk_blocks": 4, "save_every": 2, "l1_mode": "exact"},
+        "export": {"output": str(tmp_path / "drafter")},
+    })
+    dump.run(params)
+    summary = train_run(params)
+    assert summary["step"] == 2 and math.isfinite(summary["loss"]) and math.isfinite(summary["l1"])
+    export_run(params)
+    head = open_store(params.dump.store).target_weights()
+    served = load_serving(tmp_path / "drafter", head["embed_tokens"], head["lm_head"])
+    from dspark_offline.target.layers import default_layer_ids
+
+    assert served.cfg.vocab_size == 49152 and list(served.cfg.target_layer_ids) == default_layer_ids(4, 2)

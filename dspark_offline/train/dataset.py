@@ -53,19 +53,10 @@ def select_samples(store: Any, max_length: int | None, min_loss_tokens: int, *, 
         return candidates.astype(np.int64)
     kept = []
     for i in tqdm(candidates, desc="loss-mask filter", unit="sample", disable=not progress, leave=False):
-        mask = _loss_mask(store, int(i))  # [S] bool
+        mask = store.loss_mask(int(i))  # [S] bool, 1 byte/token
         if int(np.asarray(mask[: eff[i]]).astype(bool).sum()) >= min_loss_tokens:
             kept.append(int(i))
     return np.asarray(kept, dtype=np.int64)
-
-
-def _loss_mask(store: Any, i: int) -> torch.Tensor:
-    """Sample ``i``'s loss mask [S]: the reader's small-array accessor when it has one, else the
-    sample without its final hidden state (correct, but reads the hidden states too)."""
-    reader = getattr(store, "loss_mask", None)
-    if callable(reader):
-        return torch.as_tensor(reader(i)).bool()
-    return store.sample(i, with_final_hidden=False).loss_mask
 
 
 def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | None = None) -> None:

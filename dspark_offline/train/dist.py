@@ -15,8 +15,8 @@ Both launchers export ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` 
 
 On CPU DeepSpeed's accelerator would JIT-compile a shared-memory all-reduce op on every
 ``TorchBackend`` construction (30-45 s, and a C++ toolchain). ``deepspeed.comm.torch.build_shm_op``
-only builds it when ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true, and that
-dict is cached on first access and edits to it persist, so :func:`setup` marks the op
+only builds it when ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is true; that
+dict is a lazily probed module attribute whose edits persist, so :func:`setup` marks the op
 incompatible and collectives go through plain gloo.
 
 Everything here mutates process state, so it is only ever called from an entry point
@@ -80,7 +80,10 @@ def _disable_cpu_shm_comm() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op (see module docstring)."""
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Seeding the cache also skips DeepSpeed's probe of every op (compiler subprocesses that print
+    # linker errors for libaio & co.); on CPU only build_shm_op reads it, and we build no op.
+    compatible = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
+    compatible["deepspeed_shm_comm"] = False
 
 
 def select_accelerator() -> str:
