@@ -25,7 +25,12 @@ from dspark_offline.store.dtypes import storage_dtype, to_storage
 from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo, fingerprint_fields
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
 from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, plan_part
-from dspark_offline.store.writer import BackgroundWriter, PartState, feature_specs, open_part, open_store_for_write
+from dspark_offline.store.writer import (
+    BackgroundWriter,
+    PartState,
+    open_part,
+    open_store_for_write,
+)
 from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
 
 SPLIT = "train"
@@ -68,22 +73,26 @@ def build_manifest(
     """The manifest of this dump, fingerprint included."""
     cfg = params.dump
     hidden = info["dtype"] if cfg.hidden_dtype == "auto" else cfg.hidden_dtype
-    target = TargetInfo(**{**{k: info[k] for k in TargetInfo.model_fields if k in info}, "name": params.target.path})
-    body = dict(
-        target=target,
-        tokenizer_hash=info["tokenizer_hash"],
-        chat_template_hash=info["chat_template_hash"],
-        layer_ids=list(layer_ids),
-        layer_id_convention=LAYER_ID_CONVENTION,
-        top_k=cfg.top_k,
-        dtypes=ArrayDtypes(hidden=hidden, final_hidden=hidden if cfg.store_final_hidden else None, head=info["dtype"]),
-        has_final_hidden=cfg.store_final_hidden,
-        num_parts=cfg.num_parts,
-        shard_tokens=shard_tokens,
-        chunk_tokens=chunk_tokens,
-        compressor=cfg.compressor,
-        compression_level=cfg.compression_level,
-        data=DataInfo(
+    target = TargetInfo(
+        **{**{k: info[k] for k in TargetInfo.model_fields if k in info}, "name": params.target.path}
+    )
+    body = {
+        "target": target,
+        "tokenizer_hash": info["tokenizer_hash"],
+        "chat_template_hash": info["chat_template_hash"],
+        "layer_ids": list(layer_ids),
+        "layer_id_convention": LAYER_ID_CONVENTION,
+        "top_k": cfg.top_k,
+        "dtypes": ArrayDtypes(
+            hidden=hidden, final_hidden=hidden if cfg.store_final_hidden else None, head=info["dtype"]
+        ),
+        "has_final_hidden": cfg.store_final_hidden,
+        "num_parts": cfg.num_parts,
+        "shard_tokens": shard_tokens,
+        "chunk_tokens": chunk_tokens,
+        "compressor": cfg.compressor,
+        "compression_level": cfg.compression_level,
+        "data": DataInfo(
             prepared_path=str(params.prepare.output),
             split=SPLIT,
             prepared_fingerprint=split.fingerprint,
@@ -91,8 +100,8 @@ def build_manifest(
             num_samples=len(split),
             num_tokens=int(split.lengths.sum()),
         ),
-        created_by=f"dspark-offline {__version__}",
-    )
+        "created_by": f"dspark-offline {__version__}",
+    }
     unsigned = Manifest(**body, params_fingerprint="")
     return unsigned.model_copy(update={"params_fingerprint": fingerprint_of(fingerprint_fields(unsigned))})
 
@@ -126,7 +135,10 @@ def _batches(lengths: np.ndarray, batch_tokens: int) -> list[range]:
 def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar) -> dict:
     """Run the target over one shard's samples; return its arrays in storage dtypes (gaps 0)."""
     plan, width = state.plan, shard.stop - shard.start
-    bufs = {name: np.zeros((width, *trailing), storage_dtype(logical)) for name, (logical, trailing) in state.specs.items()}
+    bufs = {
+        name: np.zeros((width, *trailing), storage_dtype(logical))
+        for name, (logical, trailing) in state.specs.items()
+    }
     rows = np.arange(shard.row_start, shard.row_stop)
     for batch in _batches(plan.sample_length[rows], batch_tokens):
         members = rows[batch.start : batch.stop]
@@ -161,8 +173,12 @@ def run(params: Params) -> str:
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
     target = HFTarget(
-        target_dir, layer_ids=layer_ids, top_k=cfg.top_k, store_final_hidden=cfg.store_final_hidden,
-        dtype=params.target.dtype, device=params.target.device,
+        target_dir,
+        layer_ids=layer_ids,
+        top_k=cfg.top_k,
+        store_final_hidden=cfg.store_final_hidden,
+        dtype=params.target.dtype,
+        device=params.target.device,
     )
     info = target.info
     _check_tokens(split, info, params.prepare.output)

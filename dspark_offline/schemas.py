@@ -26,9 +26,8 @@ def render_schemas() -> dict[str, str]:
     params["title"] = "dspark-offline params.yaml"
     store = {"$schema": DRAFT, **Manifest.model_json_schema()}
     store["title"] = f"dspark-offline feature store manifest (format_version {FORMAT_VERSION})"
-    store["description"] = (
-        f"Root attribute '{MANIFEST_ATTR}' of a dspark-offline Zarr v3 feature store. "
-        + (store.get("description") or "")
+    store["description"] = f"Root attribute '{MANIFEST_ATTR}' of a dspark-offline Zarr v3 feature store. " + (
+        store.get("description") or ""
     )
     return {
         "params.schema.json": json.dumps(params, indent=2) + "\n",

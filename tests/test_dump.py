@@ -15,12 +15,21 @@ from dspark_offline.target.layers import default_layer_ids
 
 
 def make_params(target_dir, prepared, store, **dump_over) -> Params:
-    dump_cfg = dict(store=str(store), layer_ids=[0, 2, 3], top_k=8, shard_tokens=64, chunk_tokens=16,
-                    batch_tokens=256)
+    dump_cfg = {
+        "store": str(store),
+        "layer_ids": [0, 2, 3],
+        "top_k": 8,
+        "shard_tokens": 64,
+        "chunk_tokens": 16,
+        "batch_tokens": 256,
+    }
     dump_cfg.update(dump_over)
     return Params.model_validate(
-        {"target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
-         "prepare": {"output": str(prepared)}, "dump": dump_cfg}
+        {
+            "target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
+            "prepare": {"output": str(prepared)},
+            "dump": dump_cfg,
+        }
     )
 
 
@@ -33,13 +42,20 @@ def test_dump_equals_direct_forward(tiny_qwen3_dir, make_prepared, tmp_path):
     path = dump.run(make_params(tiny_qwen3_dir, prepared, tmp_path / "one.zarr", batch_tokens=1))
     store = open_store(path)
     m = store.manifest
-    assert (m.layer_ids, m.top_k, m.target.hidden_size, m.target.architecture) == ([0, 2, 3], 8, 64, "Qwen3ForCausalLM")
+    assert (m.layer_ids, m.top_k, m.target.hidden_size, m.target.architecture) == (
+        [0, 2, 3],
+        8,
+        64,
+        "Qwen3ForCausalLM",
+    )
     assert m.num_parts == 1 and m.data.num_samples == 12
     split = PreparedSplit.load(prepared, "train")
     target = HFTarget(tiny_qwen3_dir, layer_ids=[0, 2, 3], top_k=8, dtype="float32", device="cpu")
     for i in range(len(split)):
         ids, mask = split[i]
-        ref = target.forward(torch.from_numpy(ids.astype(np.int64))[None], torch.ones(1, len(ids), dtype=torch.int64))
+        ref = target.forward(
+            torch.from_numpy(ids.astype(np.int64))[None], torch.ones(1, len(ids), dtype=torch.int64)
+        )
         s = by_sample_id(store)[int(split.sample_ids[i])]
         assert torch.equal(s.input_ids, torch.from_numpy(ids.astype(np.int64)))
         assert torch.equal(s.loss_mask, torch.from_numpy(mask.astype(bool)))
@@ -78,7 +94,9 @@ def test_rerun_is_noop_mismatch_refused_overwrite_recreates(tiny_llama_dir, make
 
 def test_bad_prepared_tokens_are_named(tiny_llama_dir, make_prepared, tmp_path):
     prepared = make_prepared(3, vocab=60000)  # ids beyond the tiny target's 49152 rows
-    with pytest.raises(ValueError, match=r"sample \d \(sample_id \d\) has token id \d+ >= target vocab_size=49152"):
+    with pytest.raises(
+        ValueError, match=r"sample \d \(sample_id \d\) has token id \d+ >= target vocab_size=49152"
+    ):
         dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr"))
 
 
@@ -86,12 +104,19 @@ def test_embedded_target_dump_bf16(embedded_target_dir, make_prepared, tmp_path)
     """The real SmolLM2 target: default layer ids, bf16 hidden states, top-k that sum to <= 1."""
     prepared = make_prepared(3, min_len=8, max_len=24, vocab=49152)
     params = Params.model_validate(
-        {"target": {"path": "embedded:smollm2", "device": "cpu"}, "prepare": {"output": str(prepared)},
-         "dump": {"store": str(tmp_path / "f.zarr"), "top_k": 16, "hidden_dtype": "bfloat16"}}
+        {
+            "target": {"path": "embedded:smollm2", "device": "cpu"},
+            "prepare": {"output": str(prepared)},
+            "dump": {"store": str(tmp_path / "f.zarr"), "top_k": 16, "hidden_dtype": "bfloat16"},
+        }
     )
     store = open_store(dump.run(params))
     m = store.manifest
-    assert m.layer_ids == default_layer_ids(30, 5) and m.target.num_hidden_layers == 30 and m.target.hidden_size == 576
+    assert (
+        m.layer_ids == default_layer_ids(30, 5)
+        and m.target.num_hidden_layers == 30
+        and m.target.hidden_size == 576
+    )
     s = store.sample(0)
     assert s.hidden.shape == (len(s.input_ids), 5, 576) and s.hidden.dtype == torch.bfloat16
     assert (s.topk_probs.sum(-1) <= 1.001).all() and (s.topk_probs[:, :-1] >= s.topk_probs[:, 1:]).all()

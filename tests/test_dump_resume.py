@@ -38,8 +38,12 @@ dump.run(Params.model_validate_json(sys.argv[1]))
 
 def _spawn(params, delay=0.0):
     env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_FORWARD_S=str(delay))
-    return subprocess.Popen([sys.executable, "-c", WORKER, params.model_dump_json()], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, params.model_dump_json()],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _shards_done(path, part="part-00000") -> list[int]:
@@ -54,7 +58,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared,
     prepared = make_prepared(40, seed=3)
     full = make_params(tiny_llama_dir, prepared, tmp_path / "full.zarr", shard_tokens=48, batch_tokens=96)
     dump.run(full)
-    num_shards = zarr.open_group(str(tmp_path / "full.zarr"))["part-00000"].attrs["dspark_offline_part"]["num_shards"]
+    num_shards = zarr.open_group(str(tmp_path / "full.zarr"))["part-00000"].attrs["dspark_offline_part"][
+        "num_shards"
+    ]
     assert num_shards >= 8
 
     killed_path = str(tmp_path / "killed.zarr")

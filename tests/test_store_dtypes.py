@@ -10,8 +10,9 @@ from dspark_offline.store.dtypes import DtypeError, from_storage, logical_name, 
 
 def _bf16_specials() -> torch.Tensor:
     # every bit pattern class: zeros, subnormals, max, inf, nan, values float16 cannot hold
-    bits = torch.tensor([0x0000, 0x8000, 0x0001, 0x807F, 0x7F7F, 0x7F80, 0xFF80, 0x7FC0, 0x4B00, 0x0080],
-                        dtype=torch.int32).to(torch.int16)
+    bits = torch.tensor(
+        [0x0000, 0x8000, 0x0001, 0x807F, 0x7F7F, 0x7F80, 0xFF80, 0x7FC0, 0x4B00, 0x0080], dtype=torch.int32
+    ).to(torch.int16)
     return torch.cat([bits.view(torch.bfloat16), torch.tensor([1e30, -3e-30, 65504.0 * 4]).bfloat16()])
 
 

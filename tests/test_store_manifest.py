@@ -58,8 +58,14 @@ def test_mismatch_names_both_values(kwargs, store_value, wanted):
 
 def test_compatible_passes_and_final_hidden_requirement():
     m = synthetic_manifest()
-    check_compatible(m, layer_ids=[1, 2], hidden_size=8, vocab_size=50, architecture="LlamaForCausalLM",
-                     need_final_hidden=True)
+    check_compatible(
+        m,
+        layer_ids=[1, 2],
+        hidden_size=8,
+        vocab_size=50,
+        architecture="LlamaForCausalLM",
+        need_final_hidden=True,
+    )
     no_final = synthetic_manifest(has_final_hidden=False)
     with pytest.raises(StoreMismatchError, match="has_final_hidden=False"):
         check_compatible(no_final, need_final_hidden=True)

@@ -56,9 +56,15 @@ def test_layout_matches_design_with_plain_zarr(synthetic_store):
     part = root["part-00000"]
     T = part["input_ids"].shape[0]
     expect = {
-        "input_ids": ("int32", (T,)), "loss_mask": ("uint8", (T,)), "hidden": ("uint16", (T, L, H)),
-        "final_hidden": ("uint16", (T, H)), "topk_ids": ("int32", (T, K)), "topk_probs": ("float16", (T, K)),
-        "sample_id": ("int64", (10,)), "sample_start": ("int64", (10,)), "sample_length": ("int32", (10,)),
+        "input_ids": ("int32", (T,)),
+        "loss_mask": ("uint8", (T,)),
+        "hidden": ("uint16", (T, L, H)),
+        "final_hidden": ("uint16", (T, H)),
+        "topk_ids": ("int32", (T, K)),
+        "topk_probs": ("float16", (T, K)),
+        "sample_id": ("int64", (10,)),
+        "sample_start": ("int64", (10,)),
+        "sample_length": ("int32", (10,)),
     }
     for name, (dtype, shape) in expect.items():
         assert (str(part[name].dtype), part[name].shape) == (dtype, shape), name
@@ -122,7 +128,9 @@ def test_fingerprint_mismatch_refused_then_overwrite(synthetic_store):
     synth = synthetic_store(LENGTHS)
     synth.write()
     other = synthetic_store(LENGTHS, synthetic_manifest(top_k=3, params_fingerprint="f1"), seed=1)
-    with pytest.raises(StoreMismatchError, match=r"params_fingerprint=f0.*params_fingerprint=f1.*top_k: 4 -> 3"):
+    with pytest.raises(
+        StoreMismatchError, match=r"params_fingerprint=f0.*params_fingerprint=f1.*top_k: 4 -> 3"
+    ):
         other.write()
     other.write(overwrite=True)
     store = open_store(synth.path)
@@ -144,10 +152,10 @@ def test_writer_thread_errors_reach_the_caller(synthetic_store):
     shards = state.pending()
     bad = synth.shard_arrays(state, shards[0])
     bad["hidden"] = bad["hidden"][:, :1]  # wrong shape: rejected inside the writer thread
-    with pytest.raises(StoreError, match=r"background store writer failed on part-00000 shard 0.*hidden"):
-        with BackgroundWriter(max_pending=1) as w:
-            for shard in shards:
-                w.submit(state, shard, bad if shard.index == 0 else synth.shard_arrays(state, shard))
+    failure = r"background store writer failed on part-00000 shard 0.*hidden"
+    with pytest.raises(StoreError, match=failure), BackgroundWriter(max_pending=1) as w:
+        for shard in shards:
+            w.submit(state, shard, bad if shard.index == 0 else synth.shard_arrays(state, shard))
     assert 0 not in state.done  # the failed shard is not recorded
 
 
@@ -159,7 +167,9 @@ def test_store_is_pickle_safe_for_dataloader_workers(synthetic_store):
     clone = pickle.loads(pickle.dumps(store))
     assert clone._arrays == {}
     assert torch.equal(clone.sample(3).hidden.view(torch.int16), store.sample(3).hidden.view(torch.int16))
-    loader = torch.utils.data.DataLoader(store, batch_size=None, num_workers=2, collate_fn=lambda s: s.sample_id)
+    loader = torch.utils.data.DataLoader(
+        store, batch_size=None, num_workers=2, collate_fn=lambda s: s.sample_id
+    )
     assert sorted(loader) == sorted(int(x) for x in store.sample_ids)
     with pytest.raises(IndexError, match="out of range"):
         store.sample(len(store))

@@ -78,15 +78,23 @@ def format_inspect(info: dict) -> str:
     lines = [
         f"store      {info['path']}",
         f"format     {m['format']} v{m['format_version']}  (params_fingerprint {m['params_fingerprint']})",
-        f"target     {t['name']}  {t['architecture']}  N={t['num_hidden_layers']} H={t['hidden_size']} "
-        f"V={t['vocab_size']}  dtype={t['dtype']}  weights {t['weights_hash']}",
-        f"layers     {m['layer_ids']} ('{m['layer_id_convention']}' convention)   top_k={m['top_k']}   "
-        f"final_hidden={'yes' if m['has_final_hidden'] else 'no'}",
-        f"dtypes     hidden={m['dtypes']['hidden']} head={m['dtypes']['head']}   "
-        f"shard_tokens={m['shard_tokens']} chunk_tokens={m['chunk_tokens']}   "
-        f"{m['compressor']}:{m['compression_level']}",
-        f"data       {m['data']['prepared_path']} [{m['data']['split']}] fingerprint "
-        f"{m['data']['prepared_fingerprint']}  max_length={m['data']['max_length']}",
+        (
+            f"target     {t['name']}  {t['architecture']}  N={t['num_hidden_layers']} H={t['hidden_size']} "
+            f"V={t['vocab_size']}  dtype={t['dtype']}  weights {t['weights_hash']}"
+        ),
+        (
+            f"layers     {m['layer_ids']} ('{m['layer_id_convention']}' convention)   top_k={m['top_k']}   "
+            f"final_hidden={'yes' if m['has_final_hidden'] else 'no'}"
+        ),
+        (
+            f"dtypes     hidden={m['dtypes']['hidden']} head={m['dtypes']['head']}   "
+            f"shard_tokens={m['shard_tokens']} chunk_tokens={m['chunk_tokens']}   "
+            f"{m['compressor']}:{m['compression_level']}"
+        ),
+        (
+            f"data       {m['data']['prepared_path']} [{m['data']['split']}] fingerprint "
+            f"{m['data']['prepared_fingerprint']}  max_length={m['data']['max_length']}"
+        ),
         "",
         f"{'part':<12}{'samples':>9}{'tokens':>11}{'shards':>9}{'on disk':>12}{'B/token':>10}  status",
     ]

@@ -47,7 +47,9 @@ class TargetInfo(_Model):
     head_dim: int = Field(ge=1, description="Per-head dimension of the target.")
     intermediate_size: int = Field(ge=1, description="MLP width of the target.")
     rms_norm_eps: float = Field(gt=0, description="RMSNorm epsilon of the target.")
-    rope_theta: float | None = Field(gt=0, description="RoPE base of the target (None when the config has none).")
+    rope_theta: float | None = Field(
+        gt=0, description="RoPE base of the target (None when the config has none)."
+    )
     vocab_size: int = Field(ge=1, description="Rows V of the embedding / lm_head.")
     max_position_embeddings: int = Field(ge=1, description="Maximum positions of the target.")
     tie_word_embeddings: bool = Field(description="Whether the target ties lm_head to embed_tokens.")

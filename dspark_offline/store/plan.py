@@ -69,7 +69,7 @@ class PartPlan:
 
     @property
     def num_samples(self) -> int:
-        return int(len(self.source_index))
+        return len(self.source_index)
 
     @property
     def num_tokens(self) -> int:
@@ -93,7 +93,9 @@ def _pack(order: np.ndarray, lengths: np.ndarray, shard_tokens: int) -> list[np.
             taken.append(order[tail])
             tail -= 1
         if not taken:  # cannot happen when shard_tokens >= longest; guard against an endless loop
-            raise ValueError(f"sample of length {int(lengths[order[head]])} exceeds shard_tokens={shard_tokens}")
+            raise ValueError(
+                f"sample of length {int(lengths[order[head]])} exceeds shard_tokens={shard_tokens}"
+            )
         members = np.asarray(taken, dtype=np.int64)
         # longest first, ties by prepared index: deterministic and batch-friendly
         shards.append(members[np.lexsort((members, -lengths[members]))])

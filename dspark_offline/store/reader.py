@@ -122,7 +122,9 @@ class FeatureStore:
     def _locate(self, i: int) -> tuple[str, slice]:
         """(part name, token slice) of sample `i`."""
         if not 0 <= i < len(self):
-            raise IndexError(f"sample index {i} out of range for a store of {len(self)} samples ({self.path})")
+            raise IndexError(
+                f"sample index {i} out of range for a store of {len(self)} samples ({self.path})"
+            )
         start = int(self._starts[i])
         return self.parts[int(self._part_of[i])], slice(start, start + int(self.lengths[i]))
 

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import numpy as np
 import torch
@@ -157,7 +158,9 @@ def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor])
     for name in HEAD_ARRAYS:
         t = weights[name]
         if logical_name(t.dtype) != logical:
-            raise ValueError(f"head weight {name} has dtype {t.dtype} but the manifest says dtypes.head={logical}")
+            raise ValueError(
+                f"head weight {name} has dtype {t.dtype} but the manifest says dtypes.head={logical}"
+            )
         data = to_storage(t, logical)
         row_bytes = max(1, data[0].nbytes if data.ndim > 1 else data.itemsize)
         chunks = (max(1, min(len(data), _HEAD_CHUNK_BYTES // row_bytes)), *data.shape[1:])
@@ -196,7 +199,9 @@ class PartState:
         """Write every feature array of one whole shard, then record it done."""
         n = shard.stop - shard.start
         if set(arrays) != set(self.specs):
-            raise ValueError(f"{self.name} shard {shard.index}: got arrays {sorted(arrays)}, need {sorted(self.specs)}")
+            raise ValueError(
+                f"{self.name} shard {shard.index}: got arrays {sorted(arrays)}, need {sorted(self.specs)}"
+            )
         for name, (logical, trailing) in self.specs.items():
             a = arrays[name]
             if a.shape != (n, *trailing) or a.dtype != storage_dtype(logical):
@@ -234,11 +239,17 @@ def open_part(
         group = root[name]
         attrs = group.attrs.asdict().get(PART_ATTR, {})
         if attrs.get("created"):
-            expect = {"num_samples": plan.num_samples, "num_positions": plan.num_positions, "num_shards": len(plan.shards)}
+            expect = {
+                "num_samples": plan.num_samples,
+                "num_positions": plan.num_positions,
+                "num_shards": len(plan.shards),
+            }
             got = {k: attrs.get(k) for k in expect}
             if got != expect:
                 raise StoreError(f"{name}: stored layout {got} differs from this dump's plan {expect}")
-            return PartState(group, plan, manifest, set(attrs.get("shards_done", [])), bool(attrs.get("complete")))
+            return PartState(
+                group, plan, manifest, set(attrs.get("shards_done", [])), bool(attrs.get("complete"))
+            )
         log.info("%s: removing a part whose creation was interrupted", name)
         del root[name]
     return _create_part(root, manifest, plan, *tokens())
@@ -275,7 +286,12 @@ def _create_part(root, manifest, plan, input_ids, loss_mask, sample_id) -> PartS
         ("sample_length", plan.sample_length.astype(np.int32)),
     ):
         arr = group.create_array(
-            name, shape=(N,), dtype=data.dtype, chunks=(max(N, 1),), compressors=codecs, fill_value=0,
+            name,
+            shape=(N,),
+            dtype=data.dtype,
+            chunks=(max(N, 1),),
+            compressors=codecs,
+            fill_value=0,
             attributes={LOGICAL_DTYPE_ATTR: str(data.dtype)},
         )
         arr[...] = data
@@ -329,7 +345,9 @@ class BackgroundWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise StoreError(f"background store writer failed on {self._where}: {self._error}") from self._error
+            raise StoreError(
+                f"background store writer failed on {self._where}: {self._error}"
+            ) from self._error
 
     def _put(self, item) -> None:
         while True:
@@ -353,7 +371,7 @@ class BackgroundWriter:
             self._thread.join()
         self._raise_if_failed()
 
-    def __enter__(self) -> BackgroundWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
