@@ -62,7 +62,40 @@ def _rope_theta(config) -> float | None:
     return float(theta) if theta is not None else None
 
 
-def _check_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def target_info(path: Path, config, tokenizer, dtype: torch.dtype, vocab_size: int) -> dict:
+    """The ``target.info`` dict (manifest ``target`` fields + tokenizer hashes), backend-independent."""
+    heads = config.num_attention_heads
+    tok_hash, template_hash = tokenizer_hashes(tokenizer)
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    special.update(tokenizer.get_added_vocab())
+    return {
+        "name": path.name,
+        "path": str(path),
+        "weights_hash": weights_hash(path),
+        # saved HF configs name their class; a bare config (LlamaConfig) implies LlamaForCausalLM
+        "architecture": (config.architectures or [type(config).__name__.removesuffix("Config") + "ForCausalLM"])[0],
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "intermediate_size": config.intermediate_size,
+        "rms_norm_eps": float(getattr(config, "rms_norm_eps", 1e-6)),
+        "rope_theta": _rope_theta(config),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "dtype": str(dtype).removeprefix("torch."),
+        "mask_token_id": tokenizer.mask_token_id,
+        "tokenizer_size": len(tokenizer),
+        "special_tokens": dict(sorted(special.items(), key=lambda kv: kv[1])),
+        "tokenizer_hash": tok_hash,
+        "chat_template_hash": template_hash,
+    }
+
+
+def check_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {list(input_ids.shape)} and attention_mask {list(attention_mask.shape)} "
@@ -145,35 +178,7 @@ class HFTarget:
     def info(self) -> dict:
         """Target description for the store manifest (computed once; hashing reads the files)."""
         if self._info is None:
-            c, tok = self.config, self.tokenizer
-            heads = c.num_attention_heads
-            tok_hash, template_hash = tokenizer_hashes(tok)
-            special = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
-            special.update(tok.get_added_vocab())
-            self._info = {
-                "name": self.path.name,
-                "path": str(self.path),
-                "weights_hash": weights_hash(self.path),
-                "architecture": (c.architectures or [type(self.model).__name__])[0],
-                "model_type": c.model_type,
-                "num_hidden_layers": c.num_hidden_layers,
-                "hidden_size": c.hidden_size,
-                "num_attention_heads": heads,
-                "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
-                "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
-                "intermediate_size": c.intermediate_size,
-                "rms_norm_eps": float(getattr(c, "rms_norm_eps", 1e-6)),
-                "rope_theta": _rope_theta(c),
-                "vocab_size": self._head_fp32.shape[0],
-                "max_position_embeddings": c.max_position_embeddings,
-                "tie_word_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "mask_token_id": tok.mask_token_id,
-                "tokenizer_size": len(tok),
-                "special_tokens": dict(sorted(special.items(), key=lambda kv: kv[1])),
-                "tokenizer_hash": tok_hash,
-                "chat_template_hash": template_hash,
-            }
+            self._info = target_info(self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0])
         return self._info
 
     def head_weights(self) -> dict[str, torch.Tensor]:
@@ -191,7 +196,7 @@ class HFTarget:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TargetOutput:
         """Run one right-padded batch ``[B, S]``; see ``TargetOutput``."""
-        _check_right_padded(input_ids, attention_mask)
+        check_right_padded(input_ids, attention_mask)
         ids = input_ids.to(self.device, torch.int64)  # [B, S]
         mask = attention_mask.to(self.device)  # [B, S]
         with capture_layers(self.model, self.layer_ids, capture_final=True) as cap:
