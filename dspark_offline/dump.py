@@ -21,16 +21,12 @@ from tqdm.auto import tqdm
 
 from dspark_offline import __version__
 from dspark_offline.config import Params
+from dspark_offline.store.background import BackgroundWriter
 from dspark_offline.store.dtypes import storage_dtype, to_storage
 from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo, fingerprint_fields
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
 from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, plan_part
-from dspark_offline.store.writer import (
-    BackgroundWriter,
-    PartState,
-    open_part,
-    open_store_for_write,
-)
+from dspark_offline.store.writer import PartState, open_part, open_store_for_write
 from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
 
 SPLIT = "train"

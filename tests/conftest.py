@@ -224,7 +224,8 @@ class SyntheticStore:
 
     def write(self, parts=None, max_shards=None, overwrite=False):
         """Write (or resume) the given parts; stop after `max_shards` shards (leaves a part incomplete)."""
-        from dspark_offline.store.writer import BackgroundWriter, open_part, open_store_for_write
+        from dspark_offline.store.background import BackgroundWriter
+        from dspark_offline.store.writer import open_part, open_store_for_write
 
         root = open_store_for_write(self.path, self.manifest, lambda: self.head, overwrite=overwrite)
         written = 0

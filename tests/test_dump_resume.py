@@ -66,7 +66,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared,
     killed_path = str(tmp_path / "killed.zarr")
     killed = full.model_copy(update={"dump": full.dump.model_copy(update={"store": killed_path})})
     kill_after = random.Random().randint(1, num_shards - 3)
-    proc = _spawn(killed, delay=0.15)
+    proc = _spawn(killed, delay=0.3)
     deadline = time.time() + 240
     while len(_shards_done(killed_path)) < kill_after:
         assert proc.poll() is None, f"worker exited early: {proc.stderr.read().decode()[-2000:]}"

@@ -9,7 +9,8 @@ import zarr
 from conftest import synthetic_manifest
 
 from dspark_offline.store import StoreError, StoreMismatchError, open_store
-from dspark_offline.store.writer import BackgroundWriter, open_part, open_store_for_write
+from dspark_offline.store.background import BackgroundWriter
+from dspark_offline.store.writer import open_part, open_store_for_write
 
 LENGTHS = [5, 30, 17, 9, 22, 3, 12, 28, 7, 14]
 
