@@ -71,7 +71,8 @@ def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
     grad_accum 2 and an epoch boundary inside the run (12 samples / global batch 2 = 6 steps)
     exercise the sampler position, the anchor seeds and the LR scheduler state.
     """
-    kw = dict(max_steps=6, save_every=3, micro_batch_size=1, grad_accum=2, warmup_ratio=0.3, max_length=32)
+    kw = {"max_steps": 6, "save_every": 3, "micro_batch_size": 1, "grad_accum": 2, "warmup_ratio": 0.3,
+          "max_length": 32}
     straight = tmp_path / "straight"
     train_run(make_params(store, straight, **kw))
 

@@ -3,6 +3,7 @@ sampler, collate, sample filter, metrics sink, checkpoint lookup, launcher env."
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from types import SimpleNamespace
@@ -32,9 +33,9 @@ def test_warmup_cosine_shape():
     s = WarmupCosine(total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [s(i) for i in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup, first step > 0
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # cosine ends at min_lr_ratio
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert warmup_steps_for(100, 0.04) == 4 and warmup_steps_for(3, 0.01) == 1 and warmup_steps_for(3, 0) == 0
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(total_steps=5, warmup_steps=6, min_lr_ratio=0.1)

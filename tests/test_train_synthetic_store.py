@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from dspark_offline.store.dtypes import to_storage
-from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo, fingerprint_fields, params_fingerprint
+from dspark_offline.store.manifest import (
+    ArrayDtypes,
+    DataInfo,
+    Manifest,
+    TargetInfo,
+    fingerprint_fields,
+    params_fingerprint,
+)
 from dspark_offline.store.plan import effective_sizes, plan_part
 from dspark_offline.store.writer import open_part, open_store_for_write
 
@@ -81,7 +88,8 @@ def make_store(
         final = torch.tanh(x @ mix[-1]) + x  # [T, H]
         probs = torch.softmax(final @ lm_head.T, dim=-1)  # [T, V]
         tp, ti = probs.topk(top_k, dim=-1)  # [T, K]
-        part = open_part(root, manifest, plan, lambda: (ids.astype(np.int32), mask, plan.source_index.astype(np.int64)))
+        token_arrays = (ids.astype(np.int32), mask, plan.source_index.astype(np.int64))
+        part = open_part(root, manifest, plan, lambda arrays=token_arrays: arrays)
         for sh in part.pending():
             sl = slice(sh.start, sh.stop)
             arrays = {

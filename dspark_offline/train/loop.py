@@ -17,7 +17,6 @@ A tiny CPU run (a store from the tiny profile, `train.max_steps: 5`) takes secon
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -31,13 +30,23 @@ from dspark_offline.model import DraftModelConfig, DSparkDraft, dspark_loss
 from dspark_offline.store import open_store
 from dspark_offline.train import checkpoint, dist
 from dspark_offline.train.dataset import (
-    FeatureDataset, ResumableSampler, SamplerPosition, batch_anchors, check_store, collate, select_samples,
+    FeatureDataset,
+    ResumableSampler,
+    SamplerPosition,
+    batch_anchors,
+    check_store,
+    collate,
+    select_samples,
 )
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
 from dspark_offline.train.metrics import MetricsSink, pool_step_metrics
 from dspark_offline.train.schedule import WarmupCosine, make_scheduler
 
-log = logging.getLogger(__name__)
+
+def _say(msg: str, main: bool) -> None:
+    """Rank-0 console line that does not break the progress bar (the CLI configures no logging)."""
+    if main:
+        tqdm.write(f"[train] {msg}")
 
 
 def run(params: Params) -> dict:
@@ -55,11 +64,11 @@ def run(params: Params) -> dict:
     indices = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
     lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
     plan = plan_batches(tc, len(indices), int(lengths.sum()), info.world_size)
-    if info.is_main:
-        log.info("store %s: %d/%d samples kept; %s", store.path, len(indices), len(store), plan.describe())
-        if resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
-            log.warning("fresh run: removing old checkpoints in %s", checkpoint.checkpoints_dir(out_dir))
-            shutil.rmtree(checkpoint.checkpoints_dir(out_dir))
+    _say(f"rank {info.rank}/{info.world_size} on {info.device} ({info.backend}); store {store.path}: "
+         f"{len(indices)}/{len(store)} samples kept; {plan.describe()}", info.is_main)
+    if info.is_main and resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
+        _say(f"fresh run: removing old checkpoints in {checkpoint.checkpoints_dir(out_dir)}", True)
+        shutil.rmtree(checkpoint.checkpoints_dir(out_dir))
     dist.barrier()
 
     # -- model, optimizer, schedule, DeepSpeed engine ------------------------------------------
@@ -82,9 +91,9 @@ def run(params: Params) -> dict:
         meta = checkpoint.load(engine, resume_from)
         step, pos, values = int(meta["step"]), SamplerPosition(**meta["sampler"]), meta.get("metrics", {})
         lr_scheduler.lr_lambdas = [schedule]  # this run's plan decides the rest of the curve
-        log.info("resumed from %s at step %d (epoch %d, sample %d)", resume_from, step, pos.epoch, pos.index)
+        _say(f"resumed from {resume_from} at step {step} (epoch {pos.epoch}, sample {pos.index})", info.is_main)
     elif tc.resume:
-        log.info("train.resume: no checkpoint in %s, starting fresh", out_dir)
+        _say(f"train.resume: no checkpoint in {out_dir}, starting fresh", info.is_main)
 
     sampler = ResumableSampler(len(indices), micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
                                world_size=info.world_size, rank=info.rank, seed=tc.seed, position=pos)
@@ -118,7 +127,8 @@ def run(params: Params) -> dict:
                     "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
                     "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
                     "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values}
-            checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
+            saved = checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
+            _say(f"step {step}: loss {values['loss']:.4f}, checkpoint {saved}", info.is_main)
     bar.close()
 
     summary = {"step": step, "epochs": step / plan.steps_per_epoch, **values, "plan": plan.as_dict(),

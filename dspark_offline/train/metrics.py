@@ -53,7 +53,7 @@ class MetricsSink:
         self.json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _fmt(value: float | int) -> str:
+def _fmt(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{float(value):.6g}"
