@@ -6,23 +6,23 @@ import json
 
 import numpy as np
 import pytest
+from test_evaluate_speculative import BLOCK, make_drafter_dir
 from transformers import AutoTokenizer
 
-import dspark_offline.evaluate.runner as runner
 from dspark_offline.config import Params
 from dspark_offline.data.prepared import SplitArrays, write_prepared
-from dspark_offline.evaluate import run
+from dspark_offline.evaluate import run, runner
 from dspark_offline.evaluate.lossless import LosslessnessError
 from dspark_offline.evaluate.prompts import PromptError, prompt_from_sample
 from dspark_offline.evaluate.speculative import RoundStats, SpecResult
-from test_evaluate_speculative import BLOCK, make_drafter_dir
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello."]
 
 
 def _sample(tok, question: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                     return_dict=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+    )
     reply = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
     ids = np.array(prompt + reply, dtype=np.int32)
     mask = np.array([0] * len(prompt) + [1] * len(reply), dtype=np.uint8)
@@ -37,7 +37,9 @@ def _prepared(tmp_path, target_dir, eval_questions, unsupervised: int = 0):
     splits = {
         "train": SplitArrays.from_samples([i for i, _ in train], [m for _, m in train], [0], ["t0"]),
         "eval": SplitArrays.from_samples(
-            [i for i, _ in evals], [m for _, m in evals], list(range(1, len(evals) + 1)),
+            [i for i, _ in evals],
+            [m for _, m in evals],
+            list(range(1, len(evals) + 1)),
             [f"e{k}" for k in range(len(evals))],
         ),
     }
@@ -87,7 +89,9 @@ def test_run_writes_metrics_and_per_slot_plot(tmp_path, tiny_qwen3_dir):
 def test_run_at_temperature_reports_no_losslessness(tmp_path, tiny_qwen3_dir):
     prepared = _prepared(tmp_path, tiny_qwen3_dir, QUESTIONS[:1])
     drafter = make_drafter_dir(tiny_qwen3_dir, tmp_path / "drafter")
-    metrics = run(_params(tmp_path, tiny_qwen3_dir, prepared, drafter, temperature=0.9, confidence_threshold=0.3))
+    metrics = run(
+        _params(tmp_path, tiny_qwen3_dir, prepared, drafter, temperature=0.9, confidence_threshold=0.3)
+    )
     assert metrics["lossless"] is None and metrics["temperature"] == 0.9 and metrics["num_prompts"] == 1
 
 

@@ -35,13 +35,22 @@ def make_drafter_dir(target_dir, out_dir, layer_ids=(0, 2, 3), confidence_head=T
     torch.manual_seed(1)
     conf = AutoModelForCausalLM.from_pretrained(target_dir).config
     cfg = DraftModelConfig(
-        hidden_size=conf.hidden_size, num_layers=1, num_attention_heads=conf.num_attention_heads,
-        num_key_value_heads=conf.num_key_value_heads, head_dim=conf.head_dim,
-        intermediate_size=conf.intermediate_size, rms_norm_eps=conf.rms_norm_eps,
+        hidden_size=conf.hidden_size,
+        num_layers=1,
+        num_attention_heads=conf.num_attention_heads,
+        num_key_value_heads=conf.num_key_value_heads,
+        head_dim=conf.head_dim,
+        intermediate_size=conf.intermediate_size,
+        rms_norm_eps=conf.rms_norm_eps,
         rope_theta=float(getattr(conf, "rope_theta", None) or 10000.0),
-        max_position_embeddings=conf.max_position_embeddings, vocab_size=conf.vocab_size,
-        num_target_layers=conf.num_hidden_layers, target_layer_ids=layer_ids, block_size=BLOCK,
-        markov_rank=16, confidence_head=confidence_head, mask_token_id=0,
+        max_position_embeddings=conf.max_position_embeddings,
+        vocab_size=conf.vocab_size,
+        num_target_layers=conf.num_hidden_layers,
+        target_layer_ids=layer_ids,
+        block_size=BLOCK,
+        markov_rank=16,
+        confidence_head=confidence_head,
+        mask_token_id=0,
     )
     return save_serving(DSparkDraft(cfg), out_dir)
 
@@ -54,7 +63,9 @@ def tiny(request, tmp_path_factory):
     drafter_dir = make_drafter_dir(target_dir, tmp_path_factory.mktemp(f"drafter_{request.param}"))
     prompts = [
         torch.tensor(
-            tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True, return_dict=False)
+            tok.apply_chat_template(
+                [{"role": "user", "content": m}], add_generation_prompt=True, return_dict=False
+            )
         )
         for m in MESSAGES
     ]
@@ -122,7 +133,9 @@ def test_oracle_drafter_accept_counting(tiny, wrong_from):
 
 
 def test_losslessness_error_names_prompt_and_position():
-    with pytest.raises(LosslessnessError, match=r"prompt 3 \(eval sample_id 17\).*position 2.*token 9.*token 5"):
+    with pytest.raises(
+        LosslessnessError, match=r"prompt 3 \(eval sample_id 17\).*position 2.*token 9.*token 5"
+    ):
         check_lossless(3, 17, [1, 2, 5, 6], [1, 2, 9, 6])
     with pytest.raises(LosslessnessError, match="position 2"):
         check_lossless(0, 0, [1, 2, 3], [1, 2])
@@ -166,7 +179,12 @@ def test_sampling_is_seeded_and_respects_budget(tiny):
     model, drafter, prompts, stops, _ = tiny
     runs = [
         speculative_decode(
-            model, drafter, prompts[3], max_new_tokens=12, stop_ids=stops, temperature=0.8,
+            model,
+            drafter,
+            prompts[3],
+            max_new_tokens=12,
+            stop_ids=stops,
+            temperature=0.8,
             generator=torch.Generator().manual_seed(7),
         ).tokens
         for _ in range(2)
@@ -214,7 +232,12 @@ def test_sampling_with_an_exact_drafter_accepts_every_token(tiny):
     model, _, prompts, _, _ = tiny
     drafter = SelfDrafter(model, prompts[0], temperature=0.7)
     spec = speculative_decode(
-        model, drafter, prompts[0], max_new_tokens=16, stop_ids=frozenset(), temperature=0.7,
+        model,
+        drafter,
+        prompts[0],
+        max_new_tokens=16,
+        stop_ids=frozenset(),
+        temperature=0.7,
         generator=torch.Generator().manual_seed(0),
     )
     assert len(spec.tokens) == 16

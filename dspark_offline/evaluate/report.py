@@ -43,7 +43,12 @@ class EvalTally:
         self.slot_accepted = [0] * self.block_size
 
     def add_prompt(
-        self, rounds: list[RoundStats], spec_tokens: int, spec_seconds: float, target_tokens: int, target_seconds: float
+        self,
+        rounds: list[RoundStats],
+        spec_tokens: int,
+        spec_seconds: float,
+        target_tokens: int,
+        target_seconds: float,
     ) -> None:
         self.num_prompts += 1
         for r in rounds:

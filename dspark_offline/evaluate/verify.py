@@ -79,9 +79,7 @@ def verify_rejection(
             f"target_probs {tuple(target_probs.shape)} (expected [n, V] and [n+1, V])"
         )
     if n and draft_probs.shape[-1] != target_probs.shape[-1]:
-        raise ValueError(
-            f"draft vocab {draft_probs.shape[-1]} != target vocab {target_probs.shape[-1]}"
-        )
+        raise ValueError(f"draft vocab {draft_probs.shape[-1]} != target vocab {target_probs.shape[-1]}")
     p = target_probs.float().cpu()
     q = draft_probs.float().cpu()
     tokens = draft_tokens.long().cpu()
@@ -89,7 +87,9 @@ def verify_rejection(
         token = int(tokens[i])
         q_tok = float(q[i, token])
         if q_tok <= 0:
-            raise ValueError(f"draft token {token} at slot {i} has draft probability 0: it cannot have been sampled")
+            raise ValueError(
+                f"draft token {token} at slot {i} has draft probability 0: it cannot have been sampled"
+            )
         accept_prob = min(1.0, float(p[i, token]) / q_tok)
         u = float(torch.rand((), generator=generator))
         if u >= accept_prob:
