@@ -127,3 +127,11 @@ def test_prompt_is_the_prefix_before_the_first_supervised_token():
     assert prompt_from_sample(ids, np.array([0, 0, 0, 1, 1, 0])).tolist() == [0, 1, 2]
     assert prompt_from_sample(ids, np.zeros(6)) is None
     assert prompt_from_sample(ids, np.ones(6)) is None
+
+
+def test_run_refuses_a_prompt_longer_than_the_target_positions(tmp_path, tiny_qwen3_dir):
+    prepared = _prepared(tmp_path, tiny_qwen3_dir, QUESTIONS[:1])
+    drafter = make_drafter_dir(tiny_qwen3_dir, tmp_path / "drafter")
+    params = _params(tmp_path, tiny_qwen3_dir, prepared, drafter, max_new_tokens=2040)  # positions: 2048
+    with pytest.raises(runner.PromptTooLongError, match=r"eval prompt 0 \(sample_id 1\).*2048"):
+        run(params)

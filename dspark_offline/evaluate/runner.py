@@ -42,6 +42,14 @@ def run(params: Params) -> dict:
         f"({skipped} eval samples without a prompt skipped), max_new_tokens={cfg.max_new_tokens}, "
         f"T={cfg.temperature}, confidence_threshold={cfg.confidence_threshold}"
     )
+    for prompt in prompts:  # fail before any decoding, naming the prompt
+        need = len(prompt.ids) + cfg.max_new_tokens + drafter.block_size
+        if max_pos and need > max_pos:
+            raise PromptTooLongError(
+                f"eval prompt {prompt.index} (sample_id {prompt.sample_id}): {len(prompt.ids)} prompt tokens "
+                f"+ max_new_tokens {cfg.max_new_tokens} + block {drafter.block_size} > target "
+                f"max_position_embeddings {max_pos}"
+            )
     spec_kwargs = {
         "max_new_tokens": cfg.max_new_tokens,
         "stop_ids": target.stop_ids,
@@ -65,13 +73,6 @@ def run(params: Params) -> dict:
     tally = EvalTally(drafter.block_size)
     bar = tqdm(prompts, desc="evaluate", unit="prompt")
     for prompt in bar:
-        need = len(prompt.ids) + cfg.max_new_tokens + drafter.block_size
-        if max_pos and need > max_pos:
-            raise PromptTooLongError(
-                f"eval prompt {prompt.index} (sample_id {prompt.sample_id}): {len(prompt.ids)} prompt tokens + "
-                f"max_new_tokens {cfg.max_new_tokens} + block {drafter.block_size} > target "
-                f"max_position_embeddings {max_pos}"
-            )
         t0 = time.perf_counter()
         reference = target_decode(
             target.model, prompt.ids, cfg.max_new_tokens, target.stop_ids, cfg.temperature, target_gen
