@@ -203,3 +203,23 @@ def test_partial_launcher_env_is_refused(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1234")
     with pytest.raises(dist.LauncherEnvError, match="RANK=1 is outside WORLD_SIZE=1"):
         dist._read_launcher_env()
+
+
+def test_loader_with_worker_processes_yields_the_same_batches(tmp_path):
+    """CUDA runs read in DataLoader workers (the store is pickled, then reopened per worker)."""
+    from test_train_synthetic_store import make_store
+    from torch.utils.data import DataLoader
+
+    from dspark_offline.store import open_store
+
+    store = open_store(str(make_store(tmp_path / "s.zarr", num_samples=6)))
+    ds = FeatureDataset(store, np.arange(6), max_length=20)
+
+    def batches(workers):
+        sampler = ResumableSampler(6, micro_batch_size=2, grad_accum=1, world_size=1, rank=0, seed=0)
+        it = iter(DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate, num_workers=workers))
+        return [next(it) for _ in range(4)]  # crosses into the second epoch
+
+    for a, b in zip(batches(0), batches(1), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["hidden"], b["hidden"])
+        assert torch.equal(a["topk_probs"], b["topk_probs"]) and torch.equal(a["store_index"], b["store_index"])

@@ -134,6 +134,12 @@ def batch_anchors(batch: dict, num_anchors: int, seed: int, step: int) -> tuple[
     return anchors, keep
 
 
+def loader_workers(device: torch.device) -> int:
+    """DataLoader workers: 2 on CUDA (reads overlap the GPU step; the reader reopens the store in
+    each worker), 0 on CPU where every core already computes and a worker would only compete."""
+    return 2 if device.type == "cuda" else 0
+
+
 class FeatureDataset(Dataset):
     """Random access to the kept samples of a store; item ``k`` is store sample ``indices[k]``."""
 

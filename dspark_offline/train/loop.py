@@ -36,6 +36,7 @@ from dspark_offline.train.dataset import (
     batch_anchors,
     check_store,
     collate,
+    loader_workers,
     select_samples,
 )
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
@@ -98,7 +99,7 @@ def run(params: Params) -> dict:
     sampler = ResumableSampler(len(indices), micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
                                world_size=info.world_size, rank=info.rank, seed=tc.seed, position=pos)
     batches = iter(DataLoader(FeatureDataset(store, indices, tc.max_length), batch_size=tc.micro_batch_size,
-                              sampler=sampler, collate_fn=collate, num_workers=0))
+                              sampler=sampler, collate_fn=collate, num_workers=loader_workers(info.device)))
     sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step)
     bar = tqdm(total=plan.total_steps, initial=step, unit="step", desc="train", disable=not info.is_main)
 
