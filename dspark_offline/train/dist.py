@@ -6,8 +6,8 @@ Three ways to start training, one code path:
   world of one ourselves (an in-memory rendezvous store, no port);
 * ``torchrun --nproc_per_node=N -m dspark_offline.cli train ...`` (multi-node:
   ``--nnodes``, ``--node_rank``, ``--rdzv_endpoint``);
-* ``deepspeed --num_gpus=N [--hostfile hosts] -m dspark_offline.cli train ...`` (multi-node by
-  hostfile; each host runs N ranks).
+* ``deepspeed --num_gpus=N [--hostfile hosts] --no_local_rank --module dspark_offline.cli train ...``
+  (multi-node by hostfile; each host runs N ranks).
 
 Both launchers export ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT``; we read them, bind the local GPU, and initialise ``torch.distributed``

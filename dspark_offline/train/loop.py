@@ -6,10 +6,14 @@ The target is never loaded: the store holds its layer states, top-k and head wei
     dspark-offline train --params params.yaml
     # one node, 8 GPUs
     torchrun --nproc_per_node=8 -m dspark_offline.cli train --params params.yaml
-    deepspeed --num_gpus=8 -m dspark_offline.cli train --params params.yaml
+    deepspeed --num_gpus=8 --no_local_rank --module dspark_offline.cli train --params params.yaml
     # several nodes (hostfile lines: "node1 slots=8"), shared filesystem for store + output_dir
-    deepspeed --hostfile hosts -m dspark_offline.cli train --params params.yaml
-    # CPU, 2 processes (what CI runs):  DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 ...
+    deepspeed --hostfile hosts --no_local_rank --module dspark_offline.cli train --params params.yaml
+    torchrun --nnodes=2 --node_rank=$NODE --nproc_per_node=8 --rdzv_endpoint=$HOST0:29500 -m ...
+    # CPU, 2 processes (what CI runs):  DS_ACCELERATOR=cpu torchrun --nproc_per_node=2 -m ...
+
+(``--no_local_rank``: the launchers' rank comes from the environment; the CLI takes no
+``--local_rank`` argument.)
 
 A tiny CPU run (a store from the tiny profile, `train.max_steps: 5`) takes seconds.
 `train.resume: true` continues from the latest checkpoint with the same data order and anchors.
