@@ -125,13 +125,3 @@ def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
-
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over all ranks (one collective for the whole dict)."""
-    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)  # (n,)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
