@@ -180,3 +180,21 @@ def test_embedded_smollm2(embedded_target_dir):
     last_im_start = (ids[0] == 1).nonzero()[-1, 0]
     assert target.tokenizer.decode([int(out.topk_ids[0, last_im_start, 0])]) == "ass"
     assert out.topk_probs[0, last_im_start, 0] > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_is_bf16_and_matches_hf(tiny_qwen3_dir):
+    """Same code on CUDA: dtype auto -> bfloat16, outputs on CPU, states bit-exact vs HF there."""
+    target = HFTarget(tiny_qwen3_dir, layer_ids=[0, 2], top_k=K, device="auto")
+    assert target.device.type == "cuda" and target.dtype == torch.bfloat16
+    ids, mask = _right_pad(_samples(target.tokenizer), target.tokenizer.pad_token_id)
+    out = target.forward(ids, mask)
+    assert out.hidden.device.type == "cpu" and out.hidden.dtype == torch.bfloat16
+    with torch.inference_mode():
+        ref = target.model(input_ids=ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
+    for pos, i in enumerate([0, 2]):
+        assert torch.equal(out.hidden[:, :, pos], ref.hidden_states[i + 1].cpu()), i
+    assert torch.equal(out.final_hidden, ref.hidden_states[-1].cpu())
+    valid = mask.bool()
+    assert_topk_matches(out.topk_ids[valid], out.topk_probs[valid], ref.logits.cpu()[valid], rtol=3e-2, atol=1e-6)
