@@ -8,6 +8,7 @@ instant. Every stage is therefore also a plain library call: `dspark_offline.<st
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -199,14 +200,16 @@ def show_params(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors (ours, or a missing file) become one line + exit code 2."""
+    """Console entry point: user errors (ours, a missing file or optional package) become one line
+    and exit code 2; set DSPARK_OFFLINE_DEBUG=1 for the traceback."""
     try:
         app()
     except CliError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2) from None
     except Exception as e:
-        if type(e).__module__.startswith("dspark_offline") or isinstance(e, FileNotFoundError):
+        ours = type(e).__module__.startswith("dspark_offline")
+        if (ours or isinstance(e, (FileNotFoundError, ImportError))) and not os.environ.get("DSPARK_OFFLINE_DEBUG"):
             typer.echo(f"error: {type(e).__name__}: {e}", err=True)
             raise SystemExit(2) from None
         raise

@@ -161,14 +161,15 @@ def run(params: Params) -> str:
     from dspark_offline.target.embedded import resolve_target_path
 
     cfg = params.dump
-    if cfg.backend != "hf":
-        raise ValueError(f"dump.backend={cfg.backend!r} is not available in this build (use 'hf')")
-    from dspark_offline.target.hf_backend import HFTarget
+    if cfg.backend == "vllm":  # same API; vllm is imported only inside (optional extra, CUDA only)
+        from dspark_offline.target.vllm_backend import VLLMTarget as Target
+    else:
+        from dspark_offline.target.hf_backend import HFTarget as Target
 
     split = PreparedSplit.load(params.prepare.output, SPLIT)
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
-    target = HFTarget(
+    target = Target(
         target_dir,
         layer_ids=layer_ids,
         top_k=cfg.top_k,

@@ -76,3 +76,28 @@ def test_params_files_layer_field_by_field(capture, tmp_path):
     assert result.exit_code == 0, result.output
     p = got["params"]
     assert (p.train.max_steps, p.train.learning_rate, p.draft.markov_rank) == (7, 0.25, 8)
+
+
+def test_missing_optional_package_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    fake = types.ModuleType("dspark_offline.dump")
+
+    def run(params):
+        raise ImportError("dump.backend='vllm' needs vLLM: pip install 'dspark-offline[vllm]'")
+
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "dspark_offline.dump", fake)
+    monkeypatch.setattr(sys, "argv", ["dspark-offline", "dump", "-S", "dump.backend=vllm"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    assert "pip install 'dspark-offline[vllm]'" in capsys.readouterr().err
+
+
+def test_vllm_target_without_vllm_names_the_extra(tmp_path):
+    if __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    from dspark_offline.target.vllm_backend import VLLMTarget
+
+    with pytest.raises(ImportError, match=r"dspark-offline\[vllm\]"):
+        VLLMTarget(tmp_path, layer_ids=[0])
