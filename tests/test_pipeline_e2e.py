@@ -38,8 +38,11 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     shutil.copy(ROOT / "configs" / "tiny.yaml", repo / "params.yaml")
     (repo / ".gitignore").write_text("/data/\n/runs/\n")
     _run(["git", "init", "-q"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
+    # a repo-local identity: `dvc exp run` commits, and CI machines may have no global one
+    _run(["git", "config", "user.name", "dspark-offline tests"], repo)
+    _run(["git", "config", "user.email", "tests@localhost"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "tiny"], repo)
 
     out = _run(["dvc", "repro"], repo)
     for stage in ("prepare", "dump", "train", "evaluate"):
@@ -49,8 +52,8 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     assert (repo / "runs/tiny/drafter/model.safetensors").exists()
     assert (repo / "runs/tiny/metrics.json").exists()
 
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "lock"], repo)
     out = _run(["dvc", "exp", "run", "-S", "train.learning_rate=0.002"], repo)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out[-3000:]
     assert "Running stage 'dump'" not in out and "Running stage 'prepare'" not in out, out[-3000:]

@@ -151,11 +151,14 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
     acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
            "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "blocks": n}
     fn = functools.partial(_chunk_terms, core)
+    # With a single chunk, recomputing it in the backward would not lower the peak (its logits
+    # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
+    recompute = torch.is_grad_enabled() and h.requires_grad and n > chunk
     for lo in range(0, n, max(chunk, 1)):
         sl = slice(lo, lo + chunk)
         args = (h[sl], prev[sl], labels[sl], w[sl], e[sl], tk_ids[sl], tk_probs[sl],
                 None if tgt_h is None else tgt_h[sl])
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             res = checkpoint(fn, *args, use_reentrant=False)
         else:
             res = fn(*args)
