@@ -67,7 +67,7 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     with torch.no_grad():
         out = model(batch["input_ids"], batch["hidden"], anchors, keep)
         ids, m, lens = batch["input_ids"], batch["loss_mask"], batch["lengths"]
-        ce = l1 = bce = wsum = 0.0
+        ce = l1 = bce = floor = wsum = 0.0
         for r in range(ids.shape[0]):
             for n in range(anchors.shape[1]):
                 a, alive = int(anchors[r, n]), bool(keep[r, n])
@@ -86,12 +86,18 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
                     d = float((q[ti] - tp).abs().sum() + ((1 - q[ti].sum()) - (1 - tp.sum())).abs())
                     l1 += w * d
                     c = model.confidence_head.proj(torch.cat([h, model.markov_head.markov_w1.weight[prev]]))
-                    bce += w * float(F.binary_cross_entropy_with_logits(c, torch.tensor([min(max(1 - d / 2, 0), 1)])))
+                    t = min(max(1 - d / 2, 0), 1)
+                    bce += w * float(F.binary_cross_entropy_with_logits(c, torch.tensor([t])))
+                    tc = min(max(t, 1e-6), 1 - 1e-6)
+                    floor += w * -(tc * math.log(tc) + (1 - tc) * math.log(1 - tc))
                     wsum += w
     assert met["weight"] == pytest.approx(wsum, rel=1e-5)
     assert met["ce"] == pytest.approx(ce / wsum, rel=1e-4)
     assert met["l1"] == pytest.approx(l1 / wsum, rel=1e-4)
     assert met["conf"] == pytest.approx(bce / wsum, rel=1e-4)
+    # the confidence BCE minus its soft-target entropy floor: a KL, so never negative
+    assert met["conf_excess"] == pytest.approx((bce - floor) / wsum, rel=1e-3, abs=1e-6)
+    assert met["conf_excess"] >= -1e-6
     assert 1.0 <= met["tau_probabilistic"] <= 1.0 + model.cfg.block_size
     assert {f"acc_slot{j}" for j in range(4)} <= met.keys() and 0 <= met["accuracy"] <= 1
 

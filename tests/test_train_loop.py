@@ -50,7 +50,7 @@ def test_training_writes_metrics_checkpoints_and_meta(store, tmp_path):
     summary = train_run(make_params(store, tmp_path, max_steps=6, save_every=4))
     rows = read_tsv(tmp_path / "metrics" / "train.tsv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    for col in ("loss", "ce", "l1", "conf", "acc", "tau_probabilistic", "lr", "tokens_per_s"):
+    for col in ("loss", "ce", "l1", "conf", "conf_excess", "acc", "tau_probabilistic", "lr", "tokens_per_s"):
         assert all(math.isfinite(r[col]) for r in rows), col
     assert rows[-1]["loss"] < rows[0]["loss"]  # it learns (fixed seeds: deterministic)
     assert 1.0 <= rows[-1]["tau_probabilistic"] <= 1 + 4

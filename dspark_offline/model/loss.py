@@ -47,7 +47,7 @@ def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, l
     """Return (loss, metrics). anchors/keep [Bt, A] from `sample_anchors` (or fixed by a test).
 
     loss = world · (α_ce ΣCE·w + α_l1 ΣL1·w + α_conf ΣBCE·w) / allreduce(Σw) over `dp_group`.
-    metrics: ce, l1, conf (local weighted means), accuracy, acc_slot{j}, tau_probabilistic,
+    metrics: ce, l1, conf (local weighted means), conf_excess (conf − entropy of its soft target), accuracy, acc_slot{j}, tau_probabilistic,
     tokens (Σ eval mask), weight (Σw), blocks (valid blocks).
     """
     core = getattr(model, "module", model)  # DeepSpeed engine -> the DSparkDraft inside
@@ -125,11 +125,16 @@ def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     conf = core.confidence_logits(h, prev)  # [n, B] | None
     bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none")
            if conf is not None else torch.zeros_like(ce))
+    # BCE against a soft target t is bounded below by its entropy H(t), which rises as the
+    # drafter improves (t moves away from 0); BCE − H(t) (a KL, ≥ 0) is what the head can reduce.
+    t = accept.clamp(1e-6, 1 - 1e-6)
+    floor = -(t * t.log() + (1 - t) * (1 - t).log()) if conf is not None else torch.zeros_like(ce)
+    excess = ((bce.detach() - floor) * w).sum()
     ef = e.float()
     correct = ((logits.argmax(-1) == labels).float() * ef).sum(0).detach()  # [B]
     acc_sum = (accept * ef).sum(0)  # [B]
     tau_sum = ((accept * ef).cumprod(-1).sum(-1) + 1.0).sum()  # all blocks here are valid
-    return (ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum
+    return (ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum, excess
 
 
 def _topk_l1(q, tk_ids, tk_probs):
@@ -149,7 +154,7 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
     n, b = labels.shape
     zero = h.new_zeros((), dtype=torch.float32)
     acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
-           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "blocks": n}
+           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "excess": zero, "blocks": n}
     fn = functools.partial(_chunk_terms, core)
     # With a single chunk, recomputing it in the backward would not lower the peak (its logits
     # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
@@ -162,7 +167,7 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
             res = checkpoint(fn, *args, use_reentrant=False)
         else:
             res = fn(*args)
-        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau"), res):
+        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau", "excess"), res):
             acc[key] = acc[key] + val
     return acc
 
@@ -185,6 +190,7 @@ def _metrics(sums: dict, local_w: torch.Tensor, e: torch.Tensor, b: int) -> dict
         "ce": div(sums["ce"].detach(), wsum),
         "l1": div(sums["l1"].detach(), wsum),
         "conf": div(sums["bce"].detach(), wsum),
+        "conf_excess": div(sums["excess"], wsum),
         "accuracy": div(sums["correct"].sum(), tokens),
         "tau_probabilistic": div(sums["tau"], sums["blocks"]),
         "tokens": tokens,

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-COLUMNS = ("step", "loss", "ce", "l1", "conf", "acc", "tau_probabilistic", "lr", "tokens_per_s")
+COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "acc", "tau_probabilistic", "lr", "tokens_per_s")
 
 
 class MetricsSink:
@@ -82,8 +82,9 @@ def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, 
     import torch
 
     pooled = [("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("accuracy", "tokens"),
-              ("tau_probabilistic", "blocks")]
-    # sums: [loss, Σw·ce, Σw, Σw·l1, Σw, Σw·conf, Σw, tokens·acc, tokens, blocks·tau, blocks, input tokens]
+              ("tau_probabilistic", "blocks"), ("conf_excess", "weight")]
+    # sums: [loss, Σw·ce, Σw, Σw·l1, Σw, Σw·conf, Σw, tokens·acc, tokens, blocks·tau, blocks,
+    #        Σw·conf_excess, Σw, input tokens]
     sums = torch.zeros(2 + 2 * len(pooled), dtype=torch.float64)
     sums[-1] = float(tokens)
     for loss, m in micro:
