@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from test_train_loop import make_params
-from test_train_synthetic_store import make_store
+from synthetic_store import make_store
 
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.train import checkpoint

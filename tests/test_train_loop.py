@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_synthetic_store import TARGET_NAME, make_store
+from synthetic_store import TARGET_NAME, make_store
 
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft

@@ -207,7 +207,7 @@ def test_partial_launcher_env_is_refused(monkeypatch):
 
 def test_loader_with_worker_processes_yields_the_same_batches(tmp_path):
     """CUDA runs read in DataLoader workers (the store is pickled, then reopened per worker)."""
-    from test_train_synthetic_store import make_store
+    from synthetic_store import make_store
     from torch.utils.data import DataLoader
 
     from dspark_offline.store import open_store
