@@ -69,10 +69,15 @@ def build_params(params_files: list[Path] | None, sets: list[str] | None, **opti
         raise CliError(str(e)) from e
 
 
-def _entry_env() -> None:
+def _run_stage(module: str, params: Params):
+    """Set up the process, then make the command's one library call `<module>.run(params)`
+    (imported here so `--help` stays instant)."""
+    import importlib
+
     from dspark_offline.entry import setup_process_env
 
     setup_process_env()
+    return importlib.import_module(module).run(params)
 
 
 @app.command()
@@ -84,13 +89,10 @@ def prepare(
     num_samples: Annotated[Optional[int], typer.Option(help="Training samples to keep.")] = None,
 ) -> None:
     """Render conversations with the target's chat template into token ids + loss mask."""
-    _entry_env()
     p = build_params(
         params, set_, **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples}
     )
-    from dspark_offline.data.prepare import run
-
-    run(p)
+    _run_stage("dspark_offline.data.prepare", p)
 
 
 @app.command()
@@ -103,15 +105,12 @@ def dump(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
 ) -> None:
     """Run the target once over the prepared data and write the Zarr feature store (resumable)."""
-    _entry_env()
     p = build_params(
         params,
         set_,
         **{"dump.store": store, "dump.num_parts": num_parts, "dump.part_index": part_index, "dump.overwrite": overwrite},
     )
-    from dspark_offline.dump import run
-
-    run(p)
+    _run_stage("dspark_offline.dump", p)
 
 
 @app.command()
@@ -124,15 +123,12 @@ def train(
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
 ) -> None:
     """Train the drafter from the store with DeepSpeed ZeRO-2 (also under torchrun / deepspeed)."""
-    _entry_env()
     p = build_params(
         params,
         set_,
         **{"dump.store": store, "train.output_dir": output_dir, "train.max_steps": max_steps, "train.resume": resume},
     )
-    from dspark_offline.train.loop import run
-
-    run(p)
+    _run_stage("dspark_offline.train.loop", p)
 
 
 @app.command()
@@ -143,11 +139,8 @@ def export(
     output: Annotated[Optional[str], typer.Option(help="Serving directory to write.")] = None,
 ) -> None:
     """Write the serving directory (config.json + model.safetensors) SGLang's DSpark loader reads."""
-    _entry_env()
     p = build_params(params, set_, **{"export.checkpoint": checkpoint, "export.output": output})
-    from dspark_offline.train.export import run
-
-    run(p)
+    _run_stage("dspark_offline.train.export", p)
 
 
 @app.command()
@@ -159,15 +152,12 @@ def evaluate(
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
 ) -> None:
     """Speculative decoding with the target + drafter: acceptance length, per-slot rates, losslessness."""
-    _entry_env()
     p = build_params(
         params,
         set_,
         **{"evaluate.drafter": drafter, "evaluate.num_prompts": num_prompts, "evaluate.temperature": temperature},
     )
-    from dspark_offline.evaluate import run
-
-    result = run(p)
+    result = _run_stage("dspark_offline.evaluate", p)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
