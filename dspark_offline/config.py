@@ -136,6 +136,11 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="Seed of init, data order and anchor sampling.")
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    val_samples: int = Field(
+        0, ge=0, description="Store samples held out of training and scored (fixed anchors) into "
+        "metrics/val.tsv at step 0, every val_every steps and at the end; 0 = no validation."
+    )
+    val_every: int = Field(100, ge=1, description="Score the held-out samples every N optimizer steps.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
 

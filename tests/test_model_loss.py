@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dspark_offline.config import TrainConfig
 from dspark_offline.model import LossConfig, dspark_loss, sample_anchors
-from dspark_offline.model.loss import _block_targets, _topk_l1
+from dspark_offline.model.loss import _block_targets, _topk_l1, confidence_examples, confidence_skill
 
 
 def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=False):
@@ -67,7 +67,7 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     with torch.no_grad():
         out = model(batch["input_ids"], batch["hidden"], anchors, keep)
         ids, m, lens = batch["input_ids"], batch["loss_mask"], batch["lengths"]
-        ce = l1 = bce = floor = wsum = 0.0
+        ce = l1 = bce = floor = tsum = wsum = 0.0
         for r in range(ids.shape[0]):
             for n in range(anchors.shape[1]):
                 a, alive = int(anchors[r, n]), bool(keep[r, n])
@@ -88,8 +88,8 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
                     c = model.confidence_head.proj(torch.cat([h, model.markov_head.markov_w1.weight[prev]]))
                     t = min(max(1 - d / 2, 0), 1)
                     bce += w * float(F.binary_cross_entropy_with_logits(c, torch.tensor([t])))
-                    tc = min(max(t, 1e-6), 1 - 1e-6)
-                    floor += w * -(tc * math.log(tc) + (1 - tc) * math.log(1 - tc))
+                    floor += w * entropy(t)
+                    tsum += w * t
                     wsum += w
     assert met["weight"] == pytest.approx(wsum, rel=1e-5)
     assert met["ce"] == pytest.approx(ce / wsum, rel=1e-4)
@@ -98,8 +98,35 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     # the confidence BCE minus its soft-target entropy floor: a KL, so never negative
     assert met["conf_excess"] == pytest.approx((bce - floor) / wsum, rel=1e-3, abs=1e-6)
     assert met["conf_excess"] >= -1e-6
+    assert met["conf_target"] == pytest.approx(tsum / wsum, rel=1e-4)
+    assert met["conf_floor"] == pytest.approx(floor / wsum, rel=1e-4)
+    # skill: 1 − excess / (excess of always predicting the mean target t̄, i.e. H(t̄) − mean H(t))
+    const_excess = entropy(tsum / wsum) - floor / wsum
+    assert met["conf_skill"] == pytest.approx(1 - (bce - floor) / wsum / const_excess, rel=1e-3)
+    # the head's examples on their own: the same targets and weights, the same BCE
+    h, prev, target, weight = confidence_examples(model, batch, anchors, keep, LossConfig())
+    assert float(weight.sum()) == pytest.approx(wsum, rel=1e-5)
+    assert float((target * weight).sum()) == pytest.approx(tsum, rel=1e-4)
+    with torch.no_grad():
+        ex_bce = F.binary_cross_entropy_with_logits(model.confidence_logits(h, prev), target, reduction="none")
+    assert float((ex_bce * weight).sum()) == pytest.approx(bce, rel=1e-4)
     assert 1.0 <= met["tau_probabilistic"] <= 1.0 + model.cfg.block_size
     assert {f"acc_slot{j}" for j in range(4)} <= met.keys() and 0 <= met["accuracy"] <= 1
+
+
+def entropy(t: float) -> float:
+    return -sum(x * math.log(x) for x in (t, 1 - t) if x > 0)
+
+
+def test_confidence_skill_scores_against_the_best_constant():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    floor = float(sum(entropy(float(x)) for x in t) / 3)
+    mean = float(t.mean())
+    excess_of = lambda logits: float(F.binary_cross_entropy_with_logits(logits, t)) - floor
+    assert confidence_skill(excess_of(torch.logit(t)), mean, floor) == pytest.approx(1.0, abs=1e-5)  # perfect
+    assert confidence_skill(excess_of(torch.logit(torch.full((3,), mean))), mean, floor) == pytest.approx(0.0, abs=1e-5)
+    assert confidence_skill(excess_of(torch.full((3,), -4.0)), mean, floor) < 0  # worse than the constant
+    assert math.isnan(confidence_skill(0.0, 0.3, entropy(0.3)))  # targets that do not vary: undefined
 
 
 def test_gradients_reach_trainable_parts_only(make_tiny_draft):

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from test_train_loop import make_params
 from synthetic_store import make_store
+from test_train_loop import make_params
 
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.train import checkpoint
@@ -58,7 +58,8 @@ def test_two_ranks_with_one_sample_equal_one_rank_with_two(tmp_path, monkeypatch
     # Adam's first step is ~lr·g/|g|: where |g| is near eps, float-rounding differences of the
     # pooled gradient (one batched sum vs an all-reduce of two) are amplified up to ~lr·1e-3, so
     # the 1e-6 parameter tolerance needs a modest lr (3e-3 gives one element off by 1.2e-6).
-    kw = {"max_steps": 1, "save_every": 1, "warmup_ratio": 0.0, "num_anchors": 6, "learning_rate": 5e-4}
+    kw = {"max_steps": 1, "save_every": 1, "warmup_ratio": 0.0, "num_anchors": 6, "learning_rate": 5e-4,
+          "val_samples": 3}  # 3 held out: rank shares of 2 and 1, pooled
     one, two = tmp_path / "one", tmp_path / "two"
     monkeypatch.setenv("LOCAL_RANK", "0")
     train_run(make_params(store, one, micro_batch_size=2, **kw))  # in this process: a world of one
@@ -69,6 +70,8 @@ def test_two_ranks_with_one_sample_equal_one_rank_with_two(tmp_path, monkeypatch
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-6)
     for key in ("ce", "l1", "conf", "tau_probabilistic", "tokens"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
+    for key in ("loss", "ce", "l1", "conf", "conf_skill", "tau_probabilistic", "acc"):  # validation
+        assert m2["val"][key] == pytest.approx(m1["val"][key], abs=1e-5), key
     a = consolidated_state_dict(checkpoint.latest_checkpoint(one))
     b = consolidated_state_dict(checkpoint.latest_checkpoint(two))  # reassembled from 2 ZeRO shards
     assert len(list(checkpoint.latest_checkpoint(two).glob("*zero_pp_rank_*_optim_states.pt"))) == 2

@@ -16,11 +16,12 @@ from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import load_serving
 from dspark_offline.store import StoreMismatchError, open_store
 from dspark_offline.train import checkpoint
-from dspark_offline.train.dataset import SampleReadError
+from dspark_offline.train.dataset import FeatureDataset, SampleReadError, select_samples
 from dspark_offline.train.export import consolidated_state_dict
 from dspark_offline.train.export import run as export_run
 from dspark_offline.train.loop import run as train_run
 from dspark_offline.train.metrics import read_tsv
+from dspark_offline.train.validate import Validator, split_validation
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +73,7 @@ def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
     exercise the sampler position, the anchor seeds and the LR scheduler state.
     """
     kw = {"max_steps": 6, "save_every": 3, "micro_batch_size": 1, "grad_accum": 2, "warmup_ratio": 0.3,
-          "max_length": 32}
+          "max_length": 32, "val_samples": 2, "val_every": 2}
     straight = tmp_path / "straight"
     train_run(make_params(store, straight, **kw))
 
@@ -104,9 +105,42 @@ def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(rows_a, rows_b):
         assert rb["loss"] == ra["loss"] and rb["lr"] == ra["lr"]
+    val_a, val_b = read_tsv(straight / "metrics" / "val.tsv"), read_tsv(broken / "metrics" / "val.tsv")
+    assert [r["step"] for r in val_b] == [0, 2, 4, 6]  # step 2 kept from before the kill, not scored twice
+    for ra, rb in zip(val_a, val_b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
     # no checkpoint after the last: resuming a finished run is a no-op that keeps the summary
     again = train_run(make_params(store, broken, resume=True, **kw))
     assert again["step"] == 6 and again["loss"] == pytest.approx(rows_a[-1]["loss"], rel=1e-5)  # TSV: 6 digits
+    assert again["val"]["loss"] == pytest.approx(val_a[-1]["loss"], rel=1e-5)
+
+
+def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_path):
+    params = make_params(store, tmp_path, max_steps=4, save_every=4, val_samples=3, val_every=3)
+    summary = train_run(params)
+    assert summary["plan"]["num_samples"] == 12 - 3  # held out of training
+    rows = read_tsv(tmp_path / "metrics" / "val.tsv")
+    assert [r["step"] for r in rows] == [0, 3, 4]  # untrained, every val_every, the last step
+    for r in rows:
+        for col in ("loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc", "tau_probabilistic"):
+            assert math.isfinite(r[col]), col
+        assert r["loss"] == pytest.approx(0.1 * r["ce"] + 0.9 * r["l1"] + r["conf"], rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert summary["val"]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-5)
+
+    # the last row is the exported drafter scored on the held-out samples, with the same anchors
+    export_run(params)
+    fs = open_store(str(store))
+    head = fs.target_weights()
+    served = load_serving(tmp_path / "drafter", head["embed_tokens"], head["lm_head"])
+    _, val = split_validation(select_samples(fs, None, params.train.min_loss_tokens, progress=False), 3, 0)
+    again = Validator(FeatureDataset(fs, val, None), params.train, micro_batch_size=2, num_anchors=8, seed=0,
+                      rank=0, world_size=1, device=torch.device("cpu"))(served)
+    for col in ("loss", "ce", "l1", "conf", "conf_skill", "tau_probabilistic"):
+        assert again[col] == pytest.approx(rows[-1][col], rel=1e-4), col
+
+    with pytest.raises(ValueError, match="val_samples=12 would hold out every one of the 12 usable samples"):
+        train_run(make_params(store, tmp_path / "all", val_samples=12))
 
 
 @pytest.mark.parametrize(

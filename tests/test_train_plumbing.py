@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dspark_offline.config import TrainConfig
+from dspark_offline.model.loss import confidence_skill
 from dspark_offline.train import checkpoint, dist
 from dspark_offline.train.dataset import (
     FeatureDataset,
@@ -24,8 +25,9 @@ from dspark_offline.train.dataset import (
     select_samples,
 )
 from dspark_offline.train.ds_config import BatchPlanError, deepspeed_config, plan_batches
-from dspark_offline.train.metrics import COLUMNS, MetricsSink, pool_step_metrics, read_tsv
+from dspark_offline.train.metrics import COLUMNS, MetricsSink, pool_metrics, pool_step_metrics, read_tsv
 from dspark_offline.train.schedule import WarmupCosine, warmup_steps_for
+from dspark_offline.train.validate import ValidationSplitError, split_validation
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -175,6 +177,29 @@ def test_pool_step_metrics_weights_each_mean_by_its_own_count():
     assert out["loss"] == pytest.approx(3.0) and out["ce"] == pytest.approx(13 / 4)
     assert out["acc"] == pytest.approx(0.75) and out["tau_probabilistic"] == pytest.approx(1.25)
     assert out["tokens"] == 50
+
+
+def test_pool_metrics_derives_the_confidence_excess_and_skill_from_pooled_terms():
+    m1 = {"conf": 0.5, "conf_target": 0.2, "conf_floor": 0.4, "weight": 1.0}
+    m2 = {"conf": 0.3, "conf_target": 0.4, "conf_floor": 0.2, "weight": 3.0}
+    out = pool_metrics([m1, m2], torch.device("cpu"))
+    assert out["conf"] == pytest.approx(0.35) and out["conf_floor"] == pytest.approx(0.25)
+    assert out["conf_excess"] == pytest.approx(0.10)
+    assert out["conf_skill"] == pytest.approx(confidence_skill(0.10, 0.35, 0.25))
+
+
+def test_validation_split_is_seeded_disjoint_and_refuses_to_take_everything():
+    usable = np.array([3, 4, 7, 9, 10, 15, 16, 20])
+    train, val = split_validation(usable, 3, seed=5)
+    assert len(val) == 3 and len(train) == 5
+    assert sorted(np.concatenate([train, val]).tolist()) == usable.tolist()  # disjoint, nothing lost
+    assert list(train) == sorted(train) and list(val) == sorted(val)
+    again_train, again_val = split_validation(usable, 3, seed=5)
+    assert np.array_equal(again_val, val) and np.array_equal(again_train, train)
+    assert not all(np.array_equal(split_validation(usable, 3, seed=s)[1], val) for s in range(6, 12))
+    assert np.array_equal(split_validation(usable, 0, seed=5)[0], usable)
+    with pytest.raises(ValidationSplitError, match="val_samples=8 would hold out every one of the 8"):
+        split_validation(usable, 8, seed=5)
 
 
 # -- checkpoints / launcher env -------------------------------------------------------------------

@@ -43,38 +43,79 @@ class LossConfig:
 
 
 def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, loss_cfg,
-                dp_group=None) -> tuple[torch.Tensor, dict[str, float]]:
+                dp_group=None, *, dp_reduce: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Return (loss, metrics). anchors/keep [Bt, A] from `sample_anchors` (or fixed by a test).
 
-    loss = world · (α_ce ΣCE·w + α_l1 ΣL1·w + α_conf ΣBCE·w) / allreduce(Σw) over `dp_group`.
-    metrics: ce, l1, conf (local weighted means), conf_excess (conf − entropy of its soft target), accuracy, acc_slot{j}, tau_probabilistic,
-    tokens (Σ eval mask), weight (Σw), blocks (valid blocks).
+    loss = world · (α_ce ΣCE·w + α_l1 ΣL1·w + α_conf ΣBCE·w) / allreduce(Σw) over `dp_group`;
+    `dp_reduce=False` skips the all-reduce (a rank scoring its own samples, e.g. validation).
+    metrics (local weighted means unless said): ce, l1, conf (the BCE), conf_target (mean soft
+    target t), conf_floor (mean entropy H(t), the BCE's lower bound), conf_excess (conf −
+    conf_floor, a KL ≥ 0), conf_skill (see `confidence_skill`), accuracy, acc_slot{j},
+    accept_slot{j}, tau_probabilistic, tokens (Σ eval mask), weight (Σw), blocks (valid blocks).
     """
     core = getattr(model, "module", model)  # DeepSpeed engine -> the DSparkDraft inside
     b = core.cfg.block_size
-    _check_batch(batch, loss_cfg)
-    out = model(batch["input_ids"], batch["hidden"], anchors, keep)  # hidden [Bt, A, B, H]
-    tg = _block_targets(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep, b, loss_cfg.gamma)
-
-    # only blocks with at least one supervised slot cost logits (slot 0 valid <=> any valid)
-    bi, ai = tg["eval"][:, :, 0].nonzero(as_tuple=True)  # [N], [N]
-    pick = lambda t: t[bi, ai]
-    h, prev, labels, w, e, src = (pick(t) for t in (out.hidden, tg["prev"], tg["labels"], tg["weight"],
-                                                     tg["eval"], tg["src"]))
-    rows = bi[:, None].expand_as(src)  # [N, B]
-    exact = loss_cfg.l1_mode == "exact"
-    tk_ids = batch["topk_ids"][rows, src]  # [N, B, K]
-    tk_probs = batch["topk_probs"][rows, src].float()  # [N, B, K]
-    tgt_h = batch["final_hidden"][rows, src] if exact else None  # [N, B, H]
+    out, blk = _supervised_blocks(model, batch, anchors, keep, loss_cfg)
+    h, prev, labels, w, e = blk["hidden"], blk["prev"], blk["labels"], blk["weight"], blk["eval"]
+    tk_ids, tk_probs, tgt_h = blk["topk_ids"], blk["topk_probs"], blk["target_hidden"]
 
     sums = _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, int(loss_cfg.chunk_blocks))
     local_w = w.sum().detach()
-    global_w, world = _dp_weight(local_w, dp_group)
+    global_w, world = _dp_weight(local_w, dp_group) if dp_reduce else (local_w, 1)
     num = (loss_cfg.ce_weight * sums["ce"] + loss_cfg.l1_weight * sums["l1"]
            + loss_cfg.confidence_weight * sums["bce"])
     # the 0·Σh term keeps every backbone parameter in the graph when no block is valid
     loss = world * num / global_w.clamp_min(1e-12) + 0.0 * out.hidden.sum()
     return loss, _metrics(sums, local_w, e, b)
+
+
+def confidence_examples(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, loss_cfg
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The confidence head's inputs and targets for a batch, exactly as `dspark_loss` forms them
+    (no gradients): hidden [N, B, H] (final-norm draft states), prev [N, B] (teacher-forced
+    previous tokens), target [N, B] (`clamp(1 − L1/2, 0, 1)`), weight [N, B] (`e_j·exp(−j/γ)`;
+    0 on unsupervised slots), over the N blocks with at least one supervised slot.
+
+    For studying the head apart from the drafter (e.g. `benchmarks/confidence_head.py`).
+    """
+    core = getattr(model, "module", model)
+    with torch.no_grad():
+        _, blk = _supervised_blocks(model, batch, anchors, keep, loss_cfg)
+        q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"]), dim=-1)  # [N, B, V]
+        l1 = _l1_to_target(core, q, blk["topk_ids"], blk["topk_probs"], blk["target_hidden"])
+    return blk["hidden"], blk["prev"], (1.0 - 0.5 * l1).clamp(0.0, 1.0), blk["weight"]
+
+
+def _supervised_blocks(model, batch: dict, anchors, keep, loss_cfg) -> tuple[object, dict]:
+    """Drafter forward + labels, kept to the N blocks with at least one supervised slot.
+
+    Returns (forward output, dict of [N, B, ...] tensors: hidden, prev, labels, weight, eval,
+    topk_ids, topk_probs, target_hidden (None unless l1_mode is 'exact')).
+    """
+    core = getattr(model, "module", model)
+    _check_batch(batch, loss_cfg)
+    out = model(batch["input_ids"], batch["hidden"], anchors, keep)  # hidden [Bt, A, B, H]
+    tg = _block_targets(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep,
+                        core.cfg.block_size, loss_cfg.gamma)
+    # only blocks with at least one supervised slot cost logits (slot 0 valid <=> any valid)
+    bi, ai = tg["eval"][:, :, 0].nonzero(as_tuple=True)  # [N], [N]
+    blk = {key: tg[key][bi, ai] for key in ("prev", "labels", "weight", "eval")}  # [N, B]
+    blk["hidden"] = out.hidden[bi, ai]  # [N, B, H]
+    src = tg["src"][bi, ai]  # [N, B] position of each slot's target distribution
+    rows = bi[:, None].expand_as(src)  # [N, B]
+    blk["topk_ids"] = batch["topk_ids"][rows, src]  # [N, B, K]
+    blk["topk_probs"] = batch["topk_probs"][rows, src].float()  # [N, B, K]
+    blk["target_hidden"] = batch["final_hidden"][rows, src] if loss_cfg.l1_mode == "exact" else None  # [N, B, H]
+    return out, blk
+
+
+def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h):
+    """L1 between the draft distribution q [n, B, V] and the target's: exact from the target's
+    final hidden state when given, else the top-k lower bound."""
+    if tgt_h is None:
+        return _topk_l1(q, tk_ids, tk_probs)
+    p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
+    return (q - p).abs().sum(-1)
 
 
 def _check_batch(batch: dict, loss_cfg) -> None:
@@ -116,25 +157,42 @@ def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     logq = torch.log_softmax(logits, dim=-1)
     q = logq.exp()
     ce = -logq.gather(-1, labels[..., None]).squeeze(-1)  # [n, B]
-    if tgt_h is not None:  # exact: full target distribution from the final hidden state
-        p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
-        l1 = (q - p).abs().sum(-1)
-    else:
-        l1 = _topk_l1(q, tk_ids, tk_probs)
+    l1 = _l1_to_target(core, q, tk_ids, tk_probs, tgt_h)
     accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # [n, B]
     conf = core.confidence_logits(h, prev)  # [n, B] | None
     bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none")
            if conf is not None else torch.zeros_like(ce))
     # BCE against a soft target t is bounded below by its entropy H(t), which rises as the
     # drafter improves (t moves away from 0); BCE − H(t) (a KL, ≥ 0) is what the head can reduce.
-    t = accept.clamp(1e-6, 1 - 1e-6)
-    floor = -(t * t.log() + (1 - t) * (1 - t).log()) if conf is not None else torch.zeros_like(ce)
-    excess = ((bce.detach() - floor) * w).sum()
+    floor = binary_entropy(accept) if conf is not None else torch.zeros_like(ce)
+    target = accept if conf is not None else torch.zeros_like(ce)  # no head: no skill to score
     ef = e.float()
     correct = ((logits.argmax(-1) == labels).float() * ef).sum(0).detach()  # [B]
     acc_sum = (accept * ef).sum(0)  # [B]
     tau_sum = ((accept * ef).cumprod(-1).sum(-1) + 1.0).sum()  # all blocks here are valid
-    return (ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum, excess
+    return ((ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum,
+            (floor * w).sum(), (target * w).sum())
+
+
+def binary_entropy(t: torch.Tensor) -> torch.Tensor:
+    """H(t) = −t·log t − (1−t)·log(1−t), elementwise, 0 at t ∈ {0, 1}."""
+    t = t.double()
+    return (-(torch.special.xlogy(t, t) + torch.special.xlogy(1 - t, 1 - t))).float()
+
+
+def confidence_skill(conf_excess: float, conf_target: float, conf_floor: float) -> float:
+    """How much better the confidence head is than the best constant guess, on the same targets.
+
+    A head that always predicts the (weighted) mean target t̄ has BCE H(t̄), so its excess over
+    the floor is H(t̄) − mean H(t) (≥ 0, the spread of the targets). skill = 1 − conf_excess /
+    that: 1 = perfect, 0 = no better than the constant, < 0 = worse (e.g. an untrained head).
+    The raw BCE and its excess both grow as the drafter improves (its targets spread out);
+    this ratio is comparable across training. NaN when the targets do not vary.
+    """
+    const_excess = float(binary_entropy(torch.tensor(conf_target, dtype=torch.float64))) - conf_floor
+    if not (const_excess > 1e-6 and math.isfinite(conf_excess)):  # below: float32 sums' noise
+        return math.nan
+    return 1.0 - conf_excess / const_excess
 
 
 def _topk_l1(q, tk_ids, tk_probs):
@@ -154,7 +212,7 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
     n, b = labels.shape
     zero = h.new_zeros((), dtype=torch.float32)
     acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
-           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "excess": zero, "blocks": n}
+           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "floor": zero, "target": zero, "blocks": n}
     fn = functools.partial(_chunk_terms, core)
     # With a single chunk, recomputing it in the backward would not lower the peak (its logits
     # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
@@ -167,7 +225,7 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
             res = checkpoint(fn, *args, use_reentrant=False)
         else:
             res = fn(*args)
-        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau", "excess"), res):
+        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau", "floor", "target"), res):
             acc[key] = acc[key] + val
     return acc
 
@@ -190,13 +248,16 @@ def _metrics(sums: dict, local_w: torch.Tensor, e: torch.Tensor, b: int) -> dict
         "ce": div(sums["ce"].detach(), wsum),
         "l1": div(sums["l1"].detach(), wsum),
         "conf": div(sums["bce"].detach(), wsum),
-        "conf_excess": div(sums["excess"], wsum),
+        "conf_target": div(sums["target"], wsum),
+        "conf_floor": div(sums["floor"], wsum),
         "accuracy": div(sums["correct"].sum(), tokens),
         "tau_probabilistic": div(sums["tau"], sums["blocks"]),
         "tokens": tokens,
         "weight": wsum,
         "blocks": float(sums["blocks"]),
     }
+    m["conf_excess"] = m["conf"] - m["conf_floor"]
+    m["conf_skill"] = confidence_skill(m["conf_excess"], m["conf_target"], m["conf_floor"])
     for j in range(b):
         m[f"acc_slot{j}"] = div(sums["correct"][j], float(tokens_per_slot[j]))
         m[f"accept_slot{j}"] = div(sums["accept"][j], float(tokens_per_slot[j]))

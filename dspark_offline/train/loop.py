@@ -44,8 +44,9 @@ from dspark_offline.train.dataset import (
     select_samples,
 )
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
-from dspark_offline.train.metrics import MetricsSink, pool_step_metrics
+from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
 from dspark_offline.train.schedule import WarmupCosine, make_scheduler
+from dspark_offline.train.validate import Validator, split_validation
 
 
 def _say(msg: str, main: bool) -> None:
@@ -66,11 +67,13 @@ def run(params: Params) -> dict:
     resume_from = checkpoint.latest_checkpoint(out_dir) if tc.resume else None
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     check_store(store, params, cfg, resume_meta)
-    indices = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
+    usable = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
+    indices, val_indices = split_validation(usable, tc.val_samples, tc.seed)
     lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
     plan = plan_batches(tc, len(indices), int(lengths.sum()), info.world_size)
+    held = f", {len(val_indices)} held out for validation" if len(val_indices) else ""
     _say(f"rank {info.rank}/{info.world_size} on {info.device} ({info.backend}); store {store.path}: "
-         f"{len(indices)}/{len(store)} samples kept; {plan.describe()}", info.is_main)
+         f"{len(indices)}/{len(store)} samples to train on{held}; {plan.describe()}", info.is_main)
     if info.is_main and resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
         _say(f"fresh run: removing old checkpoints in {checkpoint.checkpoints_dir(out_dir)}", True)
         shutil.rmtree(checkpoint.checkpoints_dir(out_dir))
@@ -91,10 +94,11 @@ def run(params: Params) -> dict:
     )
 
     # -- resume ----------------------------------------------------------------------------------
-    step, pos, values = 0, SamplerPosition(), {}
+    step, pos, values, resumed_val = 0, SamplerPosition(), {}, {}
     if resume_from is not None:
         meta = checkpoint.load(engine, resume_from)
         step, pos, values = int(meta["step"]), SamplerPosition(**meta["sampler"]), meta.get("metrics", {})
+        resumed_val = meta.get("val_metrics", {})
         lr_scheduler.lr_lambdas = [schedule]  # this run's plan decides the rest of the curve
         _say(f"resumed from {resume_from} at step {step} (epoch {pos.epoch}, sample {pos.index})", info.is_main)
     elif tc.resume:
@@ -105,6 +109,26 @@ def run(params: Params) -> dict:
     batches = iter(DataLoader(FeatureDataset(store, indices, tc.max_length), batch_size=tc.micro_batch_size,
                               sampler=sampler, collate_fn=collate, num_workers=loader_workers(info.device)))
     sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step)
+    # val.tsv exists even without validation (header only): DVC declares it as a plot output
+    val_sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step, name="val", columns=VAL_COLUMNS)
+    validator = None
+    if len(val_indices):
+        validator = Validator(FeatureDataset(store, val_indices, tc.max_length), tc,
+                              micro_batch_size=tc.micro_batch_size, num_anchors=tc.num_anchors, seed=tc.seed,
+                              rank=info.rank, world_size=info.world_size, device=info.device)
+    val_values: dict = resumed_val  # the last validation before the checkpoint resumed from
+
+    def validate(at: int) -> None:
+        nonlocal val_values
+        val_values = validator(engine)
+        val_sink.log(at, val_values)
+        _say(f"validation at step {at}: loss {val_values['loss']:.4f}, ce {val_values['ce']:.3f}, "
+             f"l1 {val_values['l1']:.3f}, conf {val_values['conf']:.3f} (skill {val_values['conf_skill']:.3f}), "
+             f"tau {val_values['tau_probabilistic']:.3f} ({len(validator)} samples, "
+             f"{val_values['seconds']:.1f} s)", info.is_main)
+
+    if validator is not None and step == 0:
+        validate(0)  # the untrained drafter: where every curve starts
     bar = tqdm(total=plan.total_steps, initial=step, unit="step", desc="train", disable=not info.is_main)
 
     # -- the loop: grad_accum micro-batches per optimizer step -----------------------------------
@@ -127,16 +151,20 @@ def run(params: Params) -> dict:
         bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{values['tau_probabilistic']:.2f}",
                         tok_s=f"{values['tokens_per_s']:.0f}")
         bar.update(1)
+        if validator is not None and (step % tc.val_every == 0 or step == plan.total_steps):
+            validate(step)
         if step % tc.save_every == 0 or step == plan.total_steps:
             meta = {"step": step, "epoch": pos.epoch, "sampler": pos.as_dict(), "plan": plan.as_dict(),
                     "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
                     "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
-                    "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values}
+                    "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values,
+                    "val_metrics": val_values}
             saved = checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
             _say(f"step {step}: loss {values['loss']:.4f}, checkpoint {saved}", info.is_main)
     bar.close()
 
     summary = {"step": step, "epochs": step / plan.steps_per_epoch, **values, "plan": plan.as_dict(),
+               **({"val": val_values} if val_values else {}),
                "checkpoint": str(checkpoint.checkpoints_dir(out_dir) / checkpoint.tag_for(step))}
     sink.finish(summary)
     return summary

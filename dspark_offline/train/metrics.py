@@ -1,7 +1,9 @@
-"""Rank-0 metrics sink: a per-step TSV DVC can plot and a final ``metrics.json``.
+"""Rank-0 metrics sink: per-step TSVs DVC can plot and a final ``metrics.json``.
 
 * ``<output_dir>/metrics/train.tsv`` — one row per logged optimizer step, fixed columns
   (:data:`COLUMNS`), so ``dvc plots show`` can draw ``loss`` / ``tau_probabilistic`` vs ``step``.
+* ``<output_dir>/metrics/val.tsv`` — the held-out samples scored at fixed steps
+  (:data:`VAL_COLUMNS`; see ``train/validate.py``).
 * ``<output_dir>/metrics.json`` — the summary of the run (last-step values, throughput, plan).
 
 Only rank 0 writes; other ranks get a sink whose methods do nothing, so the loop needs no
@@ -15,14 +17,23 @@ import json
 import math
 from pathlib import Path
 
-COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "acc", "tau_probabilistic", "lr", "tokens_per_s")
+import torch
+
+from dspark_offline.model.loss import confidence_skill
+
+COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "conf_skill", "acc", "tau_probabilistic", "lr",
+           "tokens_per_s")
+VAL_COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc",
+               "tau_probabilistic")
 
 
 class MetricsSink:
-    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int = 0) -> None:
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int = 0, name: str = "train",
+                 columns: tuple[str, ...] = COLUMNS) -> None:
         self.enabled = enabled
+        self.columns = columns
         self.output_dir = Path(output_dir)
-        self.tsv = self.output_dir / "metrics" / "train.tsv"
+        self.tsv = self.output_dir / "metrics" / f"{name}.tsv"
         self.json = self.output_dir / "metrics.json"
         if enabled:
             self.tsv.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +41,7 @@ class MetricsSink:
 
     def _start(self, resume_step: int) -> None:
         """Fresh header, or keep the rows up to ``resume_step`` of a resumed run."""
-        header = "\t".join(COLUMNS) + "\n"
+        header = "\t".join(self.columns) + "\n"
         kept: list[str] = []
         if resume_step > 0 and self.tsv.is_file():
             lines = self.tsv.read_text().splitlines(keepends=True)
@@ -43,7 +54,7 @@ class MetricsSink:
         if not self.enabled:
             return
         row = {**values, "step": step}
-        cells = [_fmt(row.get(c, math.nan)) for c in COLUMNS]
+        cells = [_fmt(row.get(c, math.nan)) for c in self.columns]
         with self.tsv.open("a") as f:
             f.write("\t".join(cells) + "\n")
 
@@ -68,42 +79,56 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
     return [{c: float(v) for c, v in zip(cols, ln.split("\t"), strict=True)} for ln in lines[1:] if ln]
 
 
+# (metric, the count it is a mean over); every mean is re-pooled with its own count
+_POOLED = (("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("conf_target", "weight"),
+           ("conf_floor", "weight"), ("accuracy", "tokens"), ("tau_probabilistic", "blocks"))
+
+
 def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, device) -> dict[str, float]:
     """One optimizer step's metrics over its micro-batches and all data-parallel ranks.
 
     ``micro`` holds (loss, metrics) per micro-batch, ``metrics`` as returned by ``dspark_loss``
     (per-rank weighted means plus their weights). Each mean is re-pooled with its own weight
-    (ce/l1/conf by Σw, accuracy by tokens, tau by blocks), so the logged value is the same
-    token-pooled number one process with the whole batch would log. ``loss`` is already pooled
+    (ce/l1/conf terms by Σw, accuracy by tokens, tau by blocks), so the logged value is the same
+    token-pooled number one process with the whole batch would log; ``conf_excess`` and
+    ``conf_skill`` are derived from the pooled confidence terms. ``loss`` is already pooled
     per micro-batch (each rank returns world x its share of the pooled mean), so it is averaged
     over ranks and micro-batches. ``tokens`` (this rank's input tokens of the step) is summed
-    over ranks. Collective: every rank must call it.
+    over ranks. Collective: every rank must call it (once).
     """
-    import torch
-
-    pooled = [("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("accuracy", "tokens"),
-              ("tau_probabilistic", "blocks"), ("conf_excess", "weight")]
-    # sums: [loss, Σw·ce, Σw, Σw·l1, Σw, Σw·conf, Σw, tokens·acc, tokens, blocks·tau, blocks,
-    #        Σw·conf_excess, Σw, input tokens]
-    sums = torch.zeros(2 + 2 * len(pooled), dtype=torch.float64)
-    sums[-1] = float(tokens)
-    for loss, m in micro:
-        sums[0] += float(loss)
-        for k, (name, weight) in enumerate(pooled):
-            w = float(m.get(weight, 0.0))
-            if w > 0 and math.isfinite(m.get(name, math.nan)):
-                sums[1 + 2 * k] += w * float(m[name])
-                sums[2 + 2 * k] += w
+    out = pool_metrics([m for _, m in micro], device)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    extra = torch.tensor([sum(float(loss) for loss, _ in micro), float(tokens)], dtype=torch.float64)
     if world > 1:
+        extra = extra.to(device)
+        torch.distributed.all_reduce(extra)
+        extra = extra.cpu()
+    out["loss"] = float(extra[0]) / (len(micro) * world)
+    out["tokens"] = float(extra[1])  # input tokens of the step over all ranks
+    return out
+
+
+def pool_metrics(parts: list[dict[str, float]], device) -> dict[str, float]:
+    """Pool ``dspark_loss`` metrics of several batches (this rank's) and all ranks (all-reduce
+    when torch.distributed is up; collective). Returns ce, l1, conf, conf_target, conf_floor,
+    conf_excess, conf_skill, acc, tau_probabilistic and supervised_tokens (evaluated slots)."""
+    sums = torch.zeros(2 * len(_POOLED), dtype=torch.float64)  # [Σ count·mean, Σ count] per metric
+    for m in parts:
+        for k, (name, count) in enumerate(_POOLED):
+            w = float(m.get(count, 0.0))
+            if w > 0 and math.isfinite(m.get(name, math.nan)):
+                sums[2 * k] += w * float(m[name])
+                sums[2 * k + 1] += w
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         sums = sums.to(device)
         torch.distributed.all_reduce(sums)
         sums = sums.cpu()
-    out = {"loss": float(sums[0]) / (len(micro) * world)}
-    for k, (name, _) in enumerate(pooled):
-        den = float(sums[2 + 2 * k])
-        out[name] = float(sums[1 + 2 * k]) / den if den > 0 else math.nan
+    out: dict[str, float] = {}
+    for k, (name, _) in enumerate(_POOLED):
+        den = float(sums[2 * k + 1])
+        out[name] = float(sums[2 * k]) / den if den > 0 else math.nan
     out["acc"] = out.pop("accuracy")
-    out["supervised_tokens"] = float(sums[8])  # evaluated slots over all ranks and micro-batches
-    out["tokens"] = float(sums[-1])  # input tokens of the step over all ranks
+    out["supervised_tokens"] = float(sums[2 * [n for n, _ in _POOLED].index("accuracy") + 1])
+    out["conf_excess"] = out["conf"] - out["conf_floor"]
+    out["conf_skill"] = confidence_skill(out["conf_excess"], out["conf_target"], out["conf_floor"])
     return out
