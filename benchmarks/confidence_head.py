@@ -44,12 +44,13 @@ def collect(model, store, indices, tc, micro: int):
     """(features [n, H+r], targets [n], weights [n]) of all supervised slots, fixed anchors."""
     from dspark_offline.model.loss import confidence_examples
     from dspark_offline.train.dataset import FeatureDataset, batch_anchors, collate
+    from dspark_offline.train.validate import ANCHOR_STEP
 
     ds = FeatureDataset(store, indices, tc.max_length)
     feats, targets, weights = [], [], []
     for lo in range(0, len(ds), micro):
         batch = collate([ds[k] for k in range(lo, min(lo + micro, len(ds)))])
-        anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, -1)
+        anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, ANCHOR_STEP)  # validation's anchors
         h, prev, t, w = confidence_examples(model, batch, anchors, keep, tc)  # [N, B, ...]
         x = torch.cat([h, model.markov_head.prev_embedding(prev).detach()], dim=-1) \
             if model.cfg.markov_head else h

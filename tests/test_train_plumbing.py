@@ -182,7 +182,8 @@ def test_pool_step_metrics_weights_each_mean_by_its_own_count():
 def test_pool_metrics_derives_the_confidence_excess_and_skill_from_pooled_terms():
     m1 = {"conf": 0.5, "conf_target": 0.2, "conf_floor": 0.4, "weight": 1.0}
     m2 = {"conf": 0.3, "conf_target": 0.4, "conf_floor": 0.2, "weight": 3.0}
-    out = pool_metrics([m1, m2], torch.device("cpu"))
+    out, totals = pool_metrics([m1, m2], torch.device("cpu"), totals=(7.0, 2.5))
+    assert totals == [7.0, 2.5]  # a world of one: summed over nothing
     assert out["conf"] == pytest.approx(0.35) and out["conf_floor"] == pytest.approx(0.25)
     assert out["conf_excess"] == pytest.approx(0.10)
     assert out["conf_skill"] == pytest.approx(confidence_skill(0.10, 0.35, 0.25))

@@ -83,7 +83,7 @@ def confidence_examples(model, batch: dict, anchors: torch.Tensor, keep: torch.T
         _, blk = _supervised_blocks(model, batch, anchors, keep, loss_cfg)
         q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"]), dim=-1)  # [N, B, V]
         l1 = _l1_to_target(core, q, blk["topk_ids"], blk["topk_probs"], blk["target_hidden"])
-    return blk["hidden"], blk["prev"], (1.0 - 0.5 * l1).clamp(0.0, 1.0), blk["weight"]
+    return blk["hidden"], blk["prev"], _acceptance(l1), blk["weight"]
 
 
 def _supervised_blocks(model, batch: dict, anchors, keep, loss_cfg) -> tuple[object, dict]:
@@ -116,6 +116,12 @@ def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h):
         return _topk_l1(q, tk_ids, tk_probs)
     p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
     return (q - p).abs().sum(-1)
+
+
+def _acceptance(l1: torch.Tensor) -> torch.Tensor:
+    """Probability that the target accepts a drafted slot, `clamp(1 − L1/2, 0, 1)`: the
+    confidence head's target and the factor of `tau_probabilistic`."""
+    return (1.0 - 0.5 * l1).clamp(0.0, 1.0)
 
 
 def _check_batch(batch: dict, loss_cfg) -> None:
@@ -158,7 +164,7 @@ def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     q = logq.exp()
     ce = -logq.gather(-1, labels[..., None]).squeeze(-1)  # [n, B]
     l1 = _l1_to_target(core, q, tk_ids, tk_probs, tgt_h)
-    accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # [n, B]
+    accept = _acceptance(l1).detach()  # [n, B]
     conf = core.confidence_logits(h, prev)  # [n, B] | None
     bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none")
            if conf is not None else torch.zeros_like(ce))

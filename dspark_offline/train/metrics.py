@@ -96,23 +96,23 @@ def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, 
     over ranks and micro-batches. ``tokens`` (this rank's input tokens of the step) is summed
     over ranks. Collective: every rank must call it (once).
     """
-    out = pool_metrics([m for _, m in micro], device)
+    totals = (sum(float(loss) for loss, _ in micro), float(tokens))
+    out, (loss_sum, all_tokens) = pool_metrics([m for _, m in micro], device, totals=totals)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    extra = torch.tensor([sum(float(loss) for loss, _ in micro), float(tokens)], dtype=torch.float64)
-    if world > 1:
-        extra = extra.to(device)
-        torch.distributed.all_reduce(extra)
-        extra = extra.cpu()
-    out["loss"] = float(extra[0]) / (len(micro) * world)
-    out["tokens"] = float(extra[1])  # input tokens of the step over all ranks
+    out["loss"] = loss_sum / (len(micro) * world)
+    out["tokens"] = all_tokens  # input tokens of the step over all ranks
     return out
 
 
-def pool_metrics(parts: list[dict[str, float]], device) -> dict[str, float]:
-    """Pool ``dspark_loss`` metrics of several batches (this rank's) and all ranks (all-reduce
-    when torch.distributed is up; collective). Returns ce, l1, conf, conf_target, conf_floor,
-    conf_excess, conf_skill, acc, tau_probabilistic and supervised_tokens (evaluated slots)."""
-    sums = torch.zeros(2 * len(_POOLED), dtype=torch.float64)  # [Σ count·mean, Σ count] per metric
+def pool_metrics(parts: list[dict[str, float]], device, *, totals: tuple[float, ...] = ()
+                 ) -> tuple[dict[str, float], list[float]]:
+    """Pool ``dspark_loss`` metrics of several batches (this rank's) and all ranks (one all-reduce
+    when torch.distributed is up; collective). Returns the pooled metrics (ce, l1, conf,
+    conf_target, conf_floor, conf_excess, conf_skill, acc, tau_probabilistic, supervised_tokens =
+    evaluated slots) and ``totals`` summed over ranks in the same all-reduce."""
+    n = 2 * len(_POOLED)
+    sums = torch.zeros(n + len(totals), dtype=torch.float64)  # [Σ count·mean, Σ count] per metric, totals
+    sums[n:] = torch.tensor(totals, dtype=torch.float64)
     for m in parts:
         for k, (name, count) in enumerate(_POOLED):
             w = float(m.get(count, 0.0))
@@ -128,7 +128,7 @@ def pool_metrics(parts: list[dict[str, float]], device) -> dict[str, float]:
         den = float(sums[2 * k + 1])
         out[name] = float(sums[2 * k]) / den if den > 0 else math.nan
     out["acc"] = out.pop("accuracy")
-    out["supervised_tokens"] = float(sums[2 * [n for n, _ in _POOLED].index("accuracy") + 1])
+    out["supervised_tokens"] = float(sums[2 * [name for name, _ in _POOLED].index("accuracy") + 1])
     out["conf_excess"] = out["conf"] - out["conf_floor"]
     out["conf_skill"] = confidence_skill(out["conf_excess"], out["conf_target"], out["conf_floor"])
-    return out
+    return out, [float(x) for x in sums[n:]]

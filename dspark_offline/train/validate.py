@@ -28,7 +28,7 @@ from dspark_offline.train.dataset import FeatureDataset, batch_anchors, collate,
 from dspark_offline.train.metrics import pool_metrics
 
 _SPLIT_TAG = 0x7A1  # mixed into the run seed for the held-out draw
-_ANCHOR_STEP = -1  # anchors are drawn as for a "step" no training step uses: fixed across evaluations
+ANCHOR_STEP = -1  # anchors are drawn as for a "step" no training step uses: fixed across evaluations
 
 
 class ValidationSplitError(ValueError):
@@ -78,12 +78,12 @@ class Validator:
         with torch.no_grad():
             for lo in range(0, len(self.items), self.micro_batch_size):
                 batch = collate([self.dataset[k] for k in self.items[lo : lo + self.micro_batch_size]])
-                anchors, keep = batch_anchors(batch, self.num_anchors, self.seed, _ANCHOR_STEP)
+                anchors, keep = batch_anchors(batch, self.num_anchors, self.seed, ANCHOR_STEP)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 _, m = dspark_loss(model, batch, anchors.to(self.device), keep.to(self.device), self.loss_cfg,
                                    dp_reduce=False)
                 parts.append(m)
-        out = pool_metrics(parts, self.device)
+        out, _ = pool_metrics(parts, self.device)
         c = self.loss_cfg
         out["loss"] = c.ce_weight * out["ce"] + c.l1_weight * out["l1"] + c.confidence_weight * out["conf"]
         out["seconds"] = time.perf_counter() - t0
