@@ -132,6 +132,17 @@ class TrainConfig(_Section):
         "auto", description="Training dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )
     max_length: int | None = Field(None, ge=2, description="Truncate samples to this many tokens.")
+    vocab_size: int | None = Field(
+        None, ge=2, description="Train the draft logits over only this many target tokens: those with the "
+        "most target probability and occurrences in the training samples (train/vocab.py). Cuts the "
+        "cost of the logits, softmax and L1 by V / vocab_size; serving still scores the whole "
+        "vocabulary. None = the whole vocabulary."
+    )
+    markov_init: Literal["random", "bigram"] = Field(
+        "random", description="Initial Markov head: 'random' (N(0, 0.02)) or 'bigram' (a rank-r "
+        "factorisation of the log bigram table of the training samples' supervised tokens, so the "
+        "head starts as a bigram model instead of learning one from scratch)."
+    )
     min_loss_tokens: int = Field(2, ge=0, description="Skip samples with fewer supervised tokens.")
     seed: int = Field(0, description="Seed of init, data order and anchor sampling.")
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")

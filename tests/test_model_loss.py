@@ -155,11 +155,11 @@ def test_topk_l1_bounds_and_full_k_is_exact():
         exact = (q - p).abs().sum()
         for k in (1, 5, 20):
             tp, ti = p.topk(k)
-            est = _topk_l1(q[None, None], ti[None, None], tp[None, None])[0, 0]
+            est = _topk_l1(q[ti][None, None], tp[None, None])[0, 0]
             upper = (q[ti] - tp).abs().sum() + (1 - q[ti].sum()) + (1 - tp.sum())
             assert est <= exact + 1e-6 and exact <= upper + 1e-6
         tp, ti = p.topk(v)
-        assert _topk_l1(q[None, None], ti[None, None], tp[None, None])[0, 0] == pytest.approx(float(exact), abs=1e-5)
+        assert _topk_l1(q[ti][None, None], tp[None, None])[0, 0] == pytest.approx(float(exact), abs=1e-5)
 
 
 def test_exact_mode_equals_topk_with_full_vocab(make_tiny_draft):
@@ -213,3 +213,78 @@ def test_no_valid_block_gives_zero_loss_with_graph(make_tiny_draft):
     loss, met = dspark_loss(model, batch, anchors, keep, LossConfig())
     assert loss.item() == 0.0 and met["tokens"] == 0
     loss.backward()  # still differentiable (DeepSpeed needs a graph every step)
+
+
+@pytest.mark.parametrize("l1_mode", ["topk", "exact"])
+def test_training_vocabulary_equals_masking_the_rest(make_tiny_draft, l1_mode):
+    """Training over a vocabulary subset = the full-vocabulary objective with every other logit at
+    -inf (here: -1e4 through a constant Markov channel), as long as labels and top-k lie inside."""
+    model = make_tiny_draft()
+    batch = make_batch(model, k=4, final_hidden=True)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    v = model.cfg.vocab_size
+    extra = torch.randperm(v, generator=torch.Generator().manual_seed(3))[:20]
+    vocab = torch.cat([batch["input_ids"].flatten(), batch["topk_ids"].flatten(), extra]).unique()
+    assert len(vocab) < v
+    if l1_mode == "exact":  # exact mode needs the target's own mass inside the subset
+        batch["final_hidden"] = batch["final_hidden"] * 0.0  # uniform target: mass outside is known
+    with torch.no_grad():
+        model.markov_head.markov_w1.weight[:, 0] = 1.0
+        model.markov_head.markov_w2.weight[:, 0] = -1e4
+        model.markov_head.markov_w2.weight[vocab, 0] = 0.0
+    cfg = LossConfig(l1_mode=l1_mode)
+    loss_full, m_full = dspark_loss(model, batch, anchors, keep, cfg)
+    model.set_train_vocab(vocab)
+    loss_sub, m_sub = dspark_loss(model, batch, anchors, keep, cfg)
+    assert m_sub["outside_vocab"] == 0.0
+    for key in ("ce", "l1", "conf", "accuracy", "tau_probabilistic", "tau_greedy"):
+        assert m_sub[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-6), key
+    assert loss_sub.item() == pytest.approx(loss_full.item(), rel=1e-5)
+    model.set_train_vocab(None)
+    assert dspark_loss(model, batch, anchors, keep, cfg)[0].item() == loss_full.item()
+
+
+def test_training_vocabulary_counts_labels_outside(make_tiny_draft):
+    model = make_tiny_draft()
+    batch = make_batch(model)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    _, m_all = dspark_loss(model, batch, anchors, keep, LossConfig())
+    model.set_train_vocab(torch.arange(model.cfg.vocab_size))
+    _, m_same = dspark_loss(model, batch, anchors, keep, LossConfig())
+    assert m_same["ce"] == pytest.approx(m_all["ce"], rel=1e-6) and m_same["outside_vocab"] == 0.0
+    model.set_train_vocab(torch.arange(0, model.cfg.vocab_size, 2))  # even ids only
+    loss, m_half = dspark_loss(model, batch, anchors, keep, LossConfig())
+    labels_odd = 0 < m_half["outside_vocab"] < 1
+    assert labels_odd and math.isfinite(loss.item())
+    with pytest.raises(ValueError, match="training vocabulary"):
+        model.set_train_vocab(torch.tensor([model.cfg.vocab_size]))
+
+
+def test_tau_greedy_counts_leading_top1_matches(make_tiny_draft):
+    """tau_greedy = 1 + the leading slots whose argmax is the target's top-1 (an oracle target
+    whose top-1 is the drafter's own argmax gives 1 + every evaluated slot)."""
+    model = make_tiny_draft()
+    batch = make_batch(model)
+    # blocks that do not overlap (B = 4), so each block's target positions are its own
+    anchors = torch.tensor([[4, 8, 13, 17], [4, 8, 13, 17]])
+    keep = torch.ones_like(anchors, dtype=torch.bool)
+    _, m = dspark_loss(model, batch, anchors, keep, LossConfig())
+    assert 1.0 <= m["tau_greedy"] <= 1.0 + model.cfg.block_size
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["hidden"], anchors, keep)
+        t = _block_targets(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep,
+                           model.cfg.block_size, 4.0)
+        guess = model.block_logits(out.hidden, t["prev"]).argmax(-1)  # [Bt, A, B]
+    oracle = dict(batch)
+    oracle["topk_ids"] = batch["topk_ids"].clone()
+    for b in range(guess.shape[0]):
+        for a in range(guess.shape[1]):
+            if keep[b, a]:
+                for j in range(guess.shape[2]):
+                    src = min(int(anchors[b, a]) + j, batch["input_ids"].shape[1] - 1)
+                    oracle["topk_ids"][b, src, 0] = guess[b, a, j]
+    _, m_oracle = dspark_loss(model, oracle, anchors, keep, LossConfig())
+    valid = t["eval"][:, :, 0]  # blocks with a supervised first slot are the ones scored
+    want = 1.0 + (t["eval"][valid].float().sum() / valid.sum()).item()
+    assert want > 2.0
+    assert m_oracle["tau_greedy"] == pytest.approx(want, rel=1e-6)

@@ -100,3 +100,32 @@ def test_sample_anchors_is_random_and_seeded():
     a2, _ = sample_anchors(m, lengths, 16, torch.Generator().manual_seed(1))
     a3, _ = sample_anchors(m, lengths, 16, torch.Generator().manual_seed(2))
     assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+@pytest.mark.parametrize("ctx_len", [0, 1, 13])
+def test_blockwise_attention_equals_dense_sdpa(ctx_len):
+    """The compact per-block attention (the CPU training path) gives the dense-mask SDPA result,
+    forward and backward, with anchor 0, adjacent anchors and padding blocks."""
+    from dspark_offline.model.attention_mask import block_layout
+    from dspark_offline.model.layers import _dense_attention, blockwise_attention
+
+    g = torch.Generator().manual_seed(ctx_len)
+    bt, nh, nkv, hd, b = 2, 4, 2, 8, 3
+    anchors = torch.tensor([[0, 4, 5, 0], [2, 7, 11, 12]])
+    keep = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    a = anchors.shape[1]
+    layout = block_layout(anchors, keep, ctx_len, b)
+    shapes = {"q": (bt, nh, a * b, hd), "k_ctx": (bt, nkv, ctx_len, hd), "v_ctx": (bt, nkv, ctx_len, hd),
+              "k_blk": (bt, nkv, a * b, hd), "v_blk": (bt, nkv, a * b, hd)}
+    t = {k: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for k, shape in shapes.items()}
+    got = blockwise_attention(t["q"], t["k_ctx"], t["v_ctx"], t["k_blk"], t["v_blk"], layout)
+    want = _dense_attention(t["q"], torch.cat([t["k_ctx"], t["k_blk"]], 2), torch.cat([t["v_ctx"], t["v_blk"]], 2),
+                            layout.dense())
+    torch.testing.assert_close(got, want)
+    assert torch.equal(layout.dense(), block_attention_mask(anchors, keep, ctx_len, b))
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads_got = torch.autograd.grad((got * w).sum(), list(t.values()))
+    grads_want = torch.autograd.grad((want * w).sum(), list(t.values()))
+    for name, x, y in zip(t, grads_got, grads_want):
+        torch.testing.assert_close(x, y, msg=name)
+    assert got[0, :, 3 * b :].abs().sum() == 0  # the padding block outputs 0

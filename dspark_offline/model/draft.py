@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .attention_mask import block_attention_mask
+from .attention_mask import BlockLayout, block_layout
 from .config import DraftModelConfig
 from .heads import HEAD_INIT_STD, ConfidenceHead, MarkovHead
 from .layers import DraftDecoderLayer, RMSNorm, rope_cos_sin
@@ -59,6 +59,10 @@ class DSparkDraft(nn.Module):
                 nn.init.normal_(mod.weight, std=HEAD_INIT_STD)
         self.register_buffer("embed_weight", None, persistent=False)  # [V, H] frozen target embedding
         self.register_buffer("lm_head_weight", None, persistent=False)  # [V, H] frozen target head
+        # Optional training vocabulary (see set_train_vocab): ids [Vs] and the position of each
+        # vocabulary id among them [V] (-1 = outside). Training-only; serving scores all of V.
+        self.register_buffer("train_vocab", None, persistent=False)
+        self.register_buffer("train_vocab_index", None, persistent=False)
 
     # ---------------------------------------------------------------- frozen target head
     def set_target_head(self, embed_tokens: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module) -> None:
@@ -72,6 +76,24 @@ class DSparkDraft(nn.Module):
         dtype, dev = self.fc.weight.dtype, self.fc.weight.device
         self.embed_weight = emb.detach().to(device=dev, dtype=dtype)
         self.lm_head_weight = head.detach().to(device=dev, dtype=dtype)
+
+    def set_train_vocab(self, ids: torch.Tensor | None) -> None:
+        """Restrict the *training* logits to the vocabulary entries ``ids`` [Vs] (None: all of V).
+
+        The objective then computes draft logits, softmax, CE and L1 over these Vs entries only
+        (the rest get probability 0), which is where a training step spends most of its time
+        when V is large. The parameters and the serving format do not change.
+        """
+        if ids is None:
+            self.train_vocab = self.train_vocab_index = None
+            return
+        ids = torch.as_tensor(ids, dtype=torch.int64).flatten().unique()  # sorted, no duplicates
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.cfg.vocab_size:
+            raise ValueError(f"training vocabulary must be a non-empty set of ids in [0, {self.cfg.vocab_size})")
+        dev = self.fc.weight.device
+        index = torch.full((self.cfg.vocab_size,), -1, dtype=torch.int64)
+        index[ids] = torch.arange(ids.numel())
+        self.train_vocab, self.train_vocab_index = ids.to(dev), index.to(dev)
 
     def _require_head(self) -> None:
         if self.embed_weight is None or self.lm_head_weight is None:
@@ -98,7 +120,7 @@ class DSparkDraft(nn.Module):
         block_positions: torch.Tensor,  # [Bt, Q] int64
         ctx: torch.Tensor,  # [Bt, T, H]
         ctx_positions: torch.Tensor,  # [Bt, T] int64
-        mask: torch.Tensor,  # [Bt, Q, T+Q] bool
+        mask: torch.Tensor | BlockLayout,  # [Bt, Q, T+Q] bool, or its compact BlockLayout
     ) -> torch.Tensor:  # [Bt, Q, H] final-norm states
         dtype = block_embeds.dtype
         # RoPE frequencies are recomputed in fp32 each call (not a buffer: a bf16 cast of the
@@ -114,12 +136,15 @@ class DSparkDraft(nn.Module):
             x = layer(x, ctx, rope_q, rope_ctx, mask)
         return self.norm(x)
 
-    def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor:
-        """Draft logits [..., V] float32 = lm_head(h) (+ W2(W1[prev]) with the Markov head)."""
+    def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Draft logits [..., V] float32 = lm_head(h) (+ W2(W1[prev]) with the Markov head);
+        [..., len(vocab)] over the vocabulary entries ``vocab`` only when given."""
         self._require_head()
-        logits = (hidden.to(self.lm_head_weight.dtype) @ self.lm_head_weight.T).float()
+        head = self.lm_head_weight if vocab is None else self.lm_head_weight[vocab]  # [V or Vs, H]
+        logits = (hidden.to(head.dtype) @ head.T).float()
         if self.markov_head is not None:
-            logits = logits + self.markov_head.bias(prev_ids).float()
+            logits = logits + self.markov_head.bias(prev_ids, rows=vocab).float()
         return logits
 
     def confidence_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
@@ -146,7 +171,7 @@ class DSparkDraft(nn.Module):
         block_ids[:, :, 0] = torch.gather(input_ids, 1, anchors)  # x[a]
         embeds = self.embed(block_ids).flatten(1, 2).to(ctx.dtype)  # [Bt, A·B, H]
         ctx_pos = torch.arange(s, device=input_ids.device).expand(bt, s)  # [Bt, S]
-        mask = block_attention_mask(anchors, keep, s, b)  # [Bt, A·B, S+A·B]
+        mask = block_layout(anchors, keep, s, b)  # block n sees ctx < a_n and itself
         out = self.backbone(embeds, positions.flatten(1), ctx, ctx_pos, mask)  # [Bt, A·B, H]
         return DraftOutput(hidden=out.view(bt, a, b, -1), block_ids=block_ids, positions=positions)
 
@@ -177,7 +202,7 @@ class DSparkDraft(nn.Module):
         anchors = torch.tensor([[start_position]], device=dev)
         keep = torch.ones(1, 1, dtype=torch.bool, device=dev)
         pos = ctx_positions.to(dev).reshape(1, -1)  # [1, T]
-        mask = block_attention_mask(anchors, keep, pos.shape[1], b, ctx_positions=pos)  # [1, B, T+B]
+        mask = block_layout(anchors, keep, pos.shape[1], b, ctx_positions=pos)
         h = self.backbone(self.embed(ids).to(ctx.dtype), positions, ctx, pos, mask)[0]  # [B, H]
         tokens, probs, conf = [], [], []
         prev = last

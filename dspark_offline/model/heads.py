@@ -30,8 +30,11 @@ class MarkovHead(nn.Module):
     def prev_embedding(self, prev_ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., r]
         return self.markov_w1(prev_ids.long())
 
-    def bias(self, prev_ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., V]
-        return self.markov_w2(self.prev_embedding(prev_ids))
+    def bias(self, prev_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[...] -> [..., V], or [..., len(rows)] for the vocabulary entries ``rows`` only."""
+        if rows is None:
+            return self.markov_w2(self.prev_embedding(prev_ids))
+        return self.prev_embedding(prev_ids) @ self.markov_w2.weight[rows].T
 
 
 class ConfidenceHead(nn.Module):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_mask import BlockLayout
 from .config import DraftModelConfig
 
 
@@ -77,25 +78,60 @@ class DraftAttention(nn.Module):
         ctx: torch.Tensor,  # [Bt, T, H] context (hidden_norm(fc(...)))
         rope_q: tuple[torch.Tensor, torch.Tensor],  # cos/sin [Bt, Q, hd] at block positions
         rope_ctx: tuple[torch.Tensor, torch.Tensor],  # cos/sin [Bt, T, hd] at context positions
-        mask: torch.Tensor,  # [Bt, Q, T+Q] bool, True = attend
+        mask: torch.Tensor | BlockLayout,  # [Bt, Q, T+Q] bool (True = attend), or the compact layout
     ) -> torch.Tensor:  # [Bt, Q, H]
         # q/k RMSNorm is per head over hd (the last dim), so it is layout-independent
-        q = self.q_norm(self._heads(self.q_proj(x), self.nh))  # [Bt, nh, Q, hd]
-        k_blk = self.k_norm(self._heads(self.k_proj(x), self.nkv))  # [Bt, nkv, Q, hd]
-        k_ctx = self.k_norm(self._heads(self.k_proj(ctx), self.nkv))  # [Bt, nkv, T, hd]
-        v = torch.cat([self._heads(self.v_proj(ctx), self.nkv), self._heads(self.v_proj(x), self.nkv)], dim=2)
-        q = apply_rope(q, *rope_q)  # [Bt, nh, Q, hd]
-        k = torch.cat([apply_rope(k_ctx, *rope_ctx), apply_rope(k_blk, *rope_q)], dim=2)  # [Bt, nkv, T+Q, hd]
-        # A fully masked row (padding block) would make SDPA softmax over nothing (NaN). Let such
-        # rows attend everywhere and zero their output afterwards: finite forward, zero grads.
-        has_key = mask.any(dim=-1, keepdim=True)  # [Bt, Q, 1]
-        safe = mask | ~has_key
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=safe[:, None], enable_gqa=self.nh != self.nkv
-        )  # [Bt, nh, Q, hd]
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.nh)), *rope_q)  # [Bt, nh, Q, hd]
+        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.nkv)), *rope_q)  # [Bt, nkv, Q, hd]
+        k_ctx = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.nkv)), *rope_ctx)  # [Bt, nkv, T, hd]
+        v_blk, v_ctx = self._heads(self.v_proj(x), self.nkv), self._heads(self.v_proj(ctx), self.nkv)
+        if isinstance(mask, BlockLayout) and q.device.type == "cpu":
+            out = blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask)  # [Bt, nh, Q, hd]
+        else:  # CUDA: SDPA's kernels take the dense mask without materialising the scores
+            dense = mask.dense() if isinstance(mask, BlockLayout) else mask
+            out = _dense_attention(q, torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2), dense)
         out = out.transpose(1, 2).reshape(*x.shape[:2], self.nh * self.hd)  # [Bt, Q, nh·hd]
-        out = out * has_key.to(out.dtype)
         return self.o_proj(out)
+
+
+def _dense_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA over [ctx ; block] keys with a dense bool mask [Bt, Q, T+Q]; q [Bt, nh, Q, hd]."""
+    # A fully masked row (padding block) would make SDPA softmax over nothing (NaN). Let such
+    # rows attend everywhere and zero their output afterwards: finite forward, zero grads.
+    has_key = mask.any(dim=-1, keepdim=True)  # [Bt, Q, 1]
+    safe = mask | ~has_key
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    return out * has_key[:, None].to(out.dtype)  # [Bt, nh, Q, hd]
+
+
+def blockwise_attention(
+    q: torch.Tensor,  # [Bt, nh, A·B, hd] queries, block-major
+    k_ctx: torch.Tensor,  # [Bt, nkv, T, hd]
+    v_ctx: torch.Tensor,  # [Bt, nkv, T, hd]
+    k_blk: torch.Tensor,  # [Bt, nkv, A·B, hd]
+    v_blk: torch.Tensor,  # [Bt, nkv, A·B, hd]
+    layout: BlockLayout,
+) -> torch.Tensor:  # [Bt, nh, A·B, hd]
+    """Exact attention of every block over its visible context and itself, one softmax per query.
+
+    Same result as SDPA with `layout.dense()`, but the block part costs A·B² instead of (A·B)²
+    scores: each query scores the T context keys and the B keys of its own block. A query always
+    sees its own block, so no softmax row is empty; padding blocks are zeroed at the end.
+    """
+    bt, nh, qn, hd = q.shape
+    nkv, t, b = k_ctx.shape[1], k_ctx.shape[2], layout.block_size
+    g, a = nh // nkv, qn // b
+    qg = q.reshape(bt, nkv, g, qn, hd) * hd**-0.5  # GQA: g query heads share a kv head
+    s_ctx = qg @ k_ctx[:, :, None].transpose(-1, -2)  # [Bt, nkv, g, A·B, T]
+    hidden = ~layout.ctx_visible.repeat_interleave(b, dim=1)[:, None, None]  # [Bt, 1, 1, A·B, T]
+    s_ctx = s_ctx.masked_fill(hidden, float("-inf")).view(bt, nkv, g, a, b, t)
+    s_blk = qg.view(bt, nkv, g, a, b, hd) @ k_blk.view(bt, nkv, 1, a, b, hd).transpose(-1, -2)  # [.., A, B, B]
+    scores = torch.cat([s_ctx, s_blk], dim=-1)  # [Bt, nkv, g, A, B, T+B]
+    p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    out = p[..., :t].reshape(bt, nkv, g, qn, t) @ v_ctx[:, :, None]  # [Bt, nkv, g, A·B, hd]
+    out = out + (p[..., t:] @ v_blk.view(bt, nkv, 1, a, b, hd)).view(bt, nkv, g, qn, hd)
+    keep = layout.keep.repeat_interleave(b, dim=1)[:, None, :, None].to(out.dtype)  # [Bt, 1, A·B, 1]
+    return out.view(bt, nh, qn, hd) * keep
 
 
 class DraftMLP(nn.Module):

@@ -51,7 +51,9 @@ def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, l
     metrics (local weighted means unless said): ce, l1, conf (the BCE), conf_target (mean soft
     target t), conf_floor (mean entropy H(t), the BCE's lower bound), conf_excess (conf −
     conf_floor, a KL ≥ 0), conf_skill (see `confidence_skill`), accuracy, acc_slot{j},
-    accept_slot{j}, tau_probabilistic, tokens (Σ eval mask), weight (Σw), blocks (valid blocks).
+    accept_slot{j}, tau_probabilistic, tau_greedy (1 + the slots greedy verification accepts:
+    each argmax equals the target's top-1, given the data's prefix), outside_vocab (share of
+    labels outside the training vocabulary), tokens (Σ eval mask), weight (Σw), blocks.
     """
     core = getattr(model, "module", model)  # DeepSpeed engine -> the DSparkDraft inside
     b = core.cfg.block_size
@@ -81,7 +83,7 @@ def confidence_examples(model, batch: dict, anchors: torch.Tensor, keep: torch.T
     core = getattr(model, "module", model)
     with torch.no_grad():
         _, blk = _supervised_blocks(model, batch, anchors, keep, loss_cfg)
-        q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"]), dim=-1)  # [N, B, V]
+        q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"], core.train_vocab), dim=-1)  # [N, B, V']
         l1 = _l1_to_target(core, q, blk["topk_ids"], blk["topk_probs"], blk["target_hidden"])
     return blk["hidden"], blk["prev"], _acceptance(l1), blk["weight"]
 
@@ -110,12 +112,18 @@ def _supervised_blocks(model, batch: dict, anchors, keep, loss_cfg) -> tuple[obj
 
 
 def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h):
-    """L1 between the draft distribution q [n, B, V] and the target's: exact from the target's
-    final hidden state when given, else the top-k lower bound."""
+    """L1 between the draft distribution q [n, B, V or Vs] and the target's: exact from the
+    target's final hidden state when given, else the top-k lower bound. With a training
+    vocabulary q is 0 outside it, so the exact L1 adds the target mass that lies outside."""
     if tgt_h is None:
-        return _topk_l1(q, tk_ids, tk_probs)
-    p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
-    return (q - p).abs().sum(-1)
+        pos, inside = _in_vocab(core, tk_ids)
+        return _topk_l1(q.gather(-1, pos) * inside, tk_probs)
+    with torch.no_grad():  # the target distribution is a constant of the objective
+        p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
+    if core.train_vocab is None:
+        return (q - p).abs().sum(-1)
+    p_in = p[..., core.train_vocab]  # [n, B, Vs]
+    return (q - p_in).abs().sum(-1) + (1.0 - p_in.sum(-1)).clamp(min=0.0)
 
 
 def _acceptance(l1: torch.Tensor) -> torch.Tensor:
@@ -158,11 +166,17 @@ def _block_targets(input_ids, loss_mask, lengths, anchors, keep, b: int, gamma: 
 
 
 def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
-    """Loss sums and detached statistics of one chunk of n blocks ([n, B, ...] inputs)."""
-    logits = core.block_logits(h, prev)  # [n, B, V] float32
+    """Loss sums and detached statistics of one chunk of n blocks ([n, B, ...] inputs).
+
+    With a training vocabulary (`DSparkDraft.set_train_vocab`) the draft distribution q lives on
+    its Vs entries (0 elsewhere): a label outside it gets no CE term (counted in `outside`).
+    """
+    vocab = core.train_vocab  # [Vs] | None
+    logits = core.block_logits(h, prev, vocab)  # [n, B, V or Vs] float32
     logq = torch.log_softmax(logits, dim=-1)
     q = logq.exp()
-    ce = -logq.gather(-1, labels[..., None]).squeeze(-1)  # [n, B]
+    lab, inside = _in_vocab(core, labels)  # [n, B] positions in q, [n, B] bool
+    ce = -logq.gather(-1, lab[..., None]).squeeze(-1) * inside  # [n, B]
     l1 = _l1_to_target(core, q, tk_ids, tk_probs, tgt_h)
     accept = _acceptance(l1).detach()  # [n, B]
     conf = core.confidence_logits(h, prev)  # [n, B] | None
@@ -173,11 +187,26 @@ def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     floor = binary_entropy(accept) if conf is not None else torch.zeros_like(ce)
     target = accept if conf is not None else torch.zeros_like(ce)  # no head: no skill to score
     ef = e.float()
-    correct = ((logits.argmax(-1) == labels).float() * ef).sum(0).detach()  # [B]
+    guess = logits.argmax(-1)  # [n, B] positions in q
+    if vocab is not None:
+        guess = vocab[guess]
+    hit = (guess == labels).float() * ef  # [n, B]
+    correct = hit.sum(0).detach()  # [B]
+    # greedy verification accepts slot j iff every slot <= j drafted the target's top-1 token
+    greedy = ((guess == tk_ids[..., 0]).float() * ef).cumprod(-1).sum(-1) + 1.0  # [n]
     acc_sum = (accept * ef).sum(0)  # [B]
     tau_sum = ((accept * ef).cumprod(-1).sum(-1) + 1.0).sum()  # all blocks here are valid
     return ((ce * w).sum(), (l1 * w).sum(), (bce * w).sum(), correct, acc_sum, tau_sum,
-            (floor * w).sum(), (target * w).sum())
+            (floor * w).sum(), (target * w).sum(), greedy.sum().detach(), ((~inside).float() * ef).sum())
+
+
+def _in_vocab(core, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of vocabulary ids in the draft distribution q, and whether q has them at all:
+    ids themselves with the full vocabulary, else their index in the training vocabulary."""
+    if core.train_vocab is None:
+        return ids.long(), torch.ones_like(ids, dtype=torch.bool)
+    pos = core.train_vocab_index[ids.long()]
+    return pos.clamp(min=0), pos >= 0
 
 
 def binary_entropy(t: torch.Tensor) -> torch.Tensor:
@@ -201,9 +230,9 @@ def confidence_skill(conf_excess: float, conf_target: float, conf_floor: float) 
     return 1.0 - conf_excess / const_excess
 
 
-def _topk_l1(q, tk_ids, tk_probs):
-    """Σ_K|q−p| + |Q_rest − r|: a lower bound of Σ_V|q−p| (the rest mass compared as one bin)."""
-    qk = q.gather(-1, tk_ids.long())  # [n, B, K]
+def _topk_l1(qk, tk_probs):
+    """Σ_K|q−p| + |Q_rest − r| from q at the top-k ids (qk [n, B, K]): a lower bound of Σ_V|q−p|
+    (the rest mass compared as one bin)."""
     rest_q = 1.0 - qk.sum(-1)
     rest_p = 1.0 - tk_probs.sum(-1)
     return (qk - tk_probs).abs().sum(-1) + (rest_q - rest_p).abs()
@@ -218,7 +247,8 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
     n, b = labels.shape
     zero = h.new_zeros((), dtype=torch.float32)
     acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
-           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "floor": zero, "target": zero, "blocks": n}
+           "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "floor": zero, "target": zero,
+           "greedy": zero, "outside": zero, "blocks": n}
     fn = functools.partial(_chunk_terms, core)
     # With a single chunk, recomputing it in the backward would not lower the peak (its logits
     # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
@@ -231,7 +261,8 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
             res = checkpoint(fn, *args, use_reentrant=False)
         else:
             res = fn(*args)
-        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau", "floor", "target"), res):
+        for key, val in zip(("ce", "l1", "bce", "correct", "accept", "tau", "floor", "target", "greedy",
+                             "outside"), res):
             acc[key] = acc[key] + val
     return acc
 
@@ -258,6 +289,8 @@ def _metrics(sums: dict, local_w: torch.Tensor, e: torch.Tensor, b: int) -> dict
         "conf_floor": div(sums["floor"], wsum),
         "accuracy": div(sums["correct"].sum(), tokens),
         "tau_probabilistic": div(sums["tau"], sums["blocks"]),
+        "tau_greedy": div(sums["greedy"], sums["blocks"]),
+        "outside_vocab": div(sums["outside"], tokens),
         "tokens": tokens,
         "weight": wsum,
         "blocks": float(sums["blocks"]),

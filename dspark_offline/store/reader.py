@@ -133,21 +133,26 @@ class FeatureStore:
         part, sel = self._locate(i)
         return self._read(part, "loss_mask", sel).bool()
 
-    def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
-        """Sample `i` (0 <= i < len(store)); reads only its own token slices, all arrays at once."""
+    def arrays(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Only the arrays ``names`` (e.g. ``["input_ids", "topk_ids"]``) of sample `i`, at their
+        logical dtypes, read concurrently; cheaper than `sample` when the hidden states are not needed."""
         part, sel = self._locate(i)
-        names = ["input_ids", "loss_mask", "hidden", "topk_ids", "topk_probs"]
-        if self.manifest.has_final_hidden and with_final_hidden:
-            names.append("final_hidden")
         arrays = [self._array(part, n) for n in names]
 
         async def read_all():  # concurrent slice reads: ~25% faster than one after another
             return await asyncio.gather(*(a.async_array.getitem(sel) for a in arrays))
 
-        got = {
+        return {
             n: from_storage(np.asarray(v), a.attrs.get(LOGICAL_DTYPE_ATTR, str(a.dtype)))
             for n, a, v in zip(names, arrays, sync(read_all()))
         }
+
+    def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
+        """Sample `i` (0 <= i < len(store)); reads only its own token slices, all arrays at once."""
+        names = ["input_ids", "loss_mask", "hidden", "topk_ids", "topk_probs"]
+        if self.manifest.has_final_hidden and with_final_hidden:
+            names.append("final_hidden")
+        got = self.arrays(i, names)
         return StoredSample(
             sample_id=int(self.sample_ids[i]),
             input_ids=got["input_ids"].long(),

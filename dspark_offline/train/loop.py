@@ -46,7 +46,12 @@ from dspark_offline.train.dataset import (
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
 from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
 from dspark_offline.train.schedule import WarmupCosine, make_scheduler
+from dspark_offline.train.markov_init import init_markov_bigram
 from dspark_offline.train.validate import Validator, split_validation
+from dspark_offline.train.vocab import training_vocabulary
+
+
+BIGRAM_TABLE_SIZE = 8192  # tokens of the bigram table when there is no training vocabulary
 
 
 def _say(msg: str, main: bool) -> None:
@@ -84,6 +89,16 @@ def run(params: Params) -> dict:
     model = DSparkDraft(cfg)
     head = store.target_weights()
     model.set_target_head(head["embed_tokens"], head["lm_head"])  # frozen, not in the state dict
+    vocab = None
+    if tc.vocab_size is not None or tc.markov_init == "bigram":
+        vocab = training_vocabulary(store, indices, tc.vocab_size or BIGRAM_TABLE_SIZE, progress=info.is_main)
+    if tc.vocab_size is not None:
+        model.set_train_vocab(vocab)
+        _say(f"training vocabulary: {len(vocab)} of {cfg.vocab_size} tokens (train.vocab_size)", info.is_main)
+    if tc.markov_init == "bigram" and resume_from is None:
+        explained = init_markov_bigram(model, store, indices, vocab, progress=info.is_main)
+        _say(f"Markov head initialised from the bigram table of {len(vocab)} tokens (rank "
+             f"{cfg.markov_rank} explains {explained:.0%} of it)", info.is_main)
     dtype = resolve_dtype(tc.dtype, info.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=tc.learning_rate, weight_decay=tc.weight_decay)

@@ -21,10 +21,10 @@ import torch
 
 from dspark_offline.model.loss import confidence_skill
 
-COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "conf_skill", "acc", "tau_probabilistic", "lr",
-           "tokens_per_s")
+COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "conf_skill", "acc", "tau_probabilistic",
+           "tau_greedy", "lr", "tokens_per_s")
 VAL_COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc",
-               "tau_probabilistic")
+               "tau_probabilistic", "tau_greedy")
 
 
 class MetricsSink:
@@ -81,7 +81,8 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
 
 # (metric, the count it is a mean over); every mean is re-pooled with its own count
 _POOLED = (("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("conf_target", "weight"),
-           ("conf_floor", "weight"), ("accuracy", "tokens"), ("tau_probabilistic", "blocks"))
+           ("conf_floor", "weight"), ("accuracy", "tokens"), ("tau_probabilistic", "blocks"),
+           ("tau_greedy", "blocks"), ("outside_vocab", "tokens"))
 
 
 def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, device) -> dict[str, float]:
@@ -108,7 +109,8 @@ def pool_metrics(parts: list[dict[str, float]], device, *, totals: tuple[float, 
                  ) -> tuple[dict[str, float], list[float]]:
     """Pool ``dspark_loss`` metrics of several batches (this rank's) and all ranks (one all-reduce
     when torch.distributed is up; collective). Returns the pooled metrics (ce, l1, conf,
-    conf_target, conf_floor, conf_excess, conf_skill, acc, tau_probabilistic, supervised_tokens =
+    conf_target, conf_floor, conf_excess, conf_skill, acc, tau_probabilistic, tau_greedy,
+    outside_vocab, supervised_tokens =
     evaluated slots) and ``totals`` summed over ranks in the same all-reduce."""
     n = 2 * len(_POOLED)
     sums = torch.zeros(n + len(totals), dtype=torch.float64)  # [Σ count·mean, Σ count] per metric, totals
