@@ -174,9 +174,8 @@ def format_summary(metrics: dict) -> list[str]:
                 f"{_fmt_ci(metrics[f'tau_vs_{name}_ci95'])} (paired by prompt)"
             )
     lossless = {True: "yes", None: "not checked (T > 0)"}.get(metrics["lossless"], "NO")
-    lines.append(
-        f"lossless at T = 0: {lossless} (every decoder; the target decode has {metrics['target_generated_tokens']} tokens)"
-    )
+    tokens = metrics["target_generated_tokens"]
+    lines.append(f"lossless at T = 0: {lossless} (every decoder; the target decode has {tokens} tokens)")
     speeds = [f"target {_fmt(metrics['ms_per_token_target'], 1)}"]
     speeds += [
         f"{LABELS[name]} {_fmt(metrics[f'ms_per_token_{name}'], 1)}"
