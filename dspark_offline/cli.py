@@ -148,14 +148,24 @@ def evaluate(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     drafter: Annotated[Optional[str], typer.Option(help="Exported drafter directory.")] = None,
+    compare: Annotated[
+        Optional[str],
+        typer.Option(help="A second exported drafter decoded on the same prompts (paired τ ratio)."),
+    ] = None,
     num_prompts: Annotated[Optional[int], typer.Option(help="Held-out prompts to decode.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
 ) -> None:
-    """Speculative decoding with the target + drafter: acceptance length, per-slot rates, losslessness."""
+    """Speculative decoding with the target + drafter, beside prompt lookup (no training): τ with
+    95 % bootstrap intervals, per-slot rates, losslessness, ms/token."""
     p = build_params(
         params,
         set_,
-        **{"evaluate.drafter": drafter, "evaluate.num_prompts": num_prompts, "evaluate.temperature": temperature},
+        **{
+            "evaluate.drafter": drafter,
+            "evaluate.compare": compare,
+            "evaluate.num_prompts": num_prompts,
+            "evaluate.temperature": temperature,
+        },
     )
     result = _run_stage("dspark_offline.evaluate", p)
     typer.echo(json.dumps(result, indent=2, default=str))

@@ -51,7 +51,7 @@ class PrepareConfig(_Section):
     output: str = Field("data/prepared", description="Directory the prepared tokens are written to.")
     num_samples: int = Field(64, ge=1, description="Training samples to keep (after filtering).")
     num_eval_samples: int = Field(
-        8, ge=0, description="Held-out samples for `evaluate`, never used for training."
+        32, ge=0, description="Held-out samples for `evaluate` (its prompts), never used for training."
     )
     max_length: int = Field(1024, ge=8, description="Rendered conversations are truncated to this many tokens.")
     seed: int = Field(0, description="Seed of the deterministic sample selection and train/eval split.")
@@ -163,16 +163,33 @@ class ExportConfig(_Section):
 
 class EvaluateConfig(_Section):
     drafter: str | None = Field(None, description="Exported drafter directory; None = export.output.")
-    num_prompts: int = Field(8, ge=1, description="Held-out prompts to decode.")
+    compare: str | None = Field(
+        None,
+        description="A second exported drafter (e.g. the DFlash baseline of configs/baseline-dflash.yaml) "
+        "decoded on the same prompts; reported as tau_compare and the paired ratio tau_vs_compare. "
+        "None = no comparison.",
+    )
+    num_prompts: int = Field(
+        32, ge=1, description="Held-out prompts to decode (the first usable ones of the eval split); fewer "
+        "available is reported as a warning and in eval.json."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy verification; > 0 = rejection sampling.")
     confidence_threshold: float | None = Field(
         None, ge=0, le=1, description="Stop a block early where sigmoid(confidence) < threshold."
     )
-    seed: int = Field(0, description="Seed of sampling at temperature > 0.")
+    seed: int = Field(0, description="Seed of sampling at temperature > 0 and of the bootstrap resampling.")
+    bootstrap_resamples: int = Field(
+        2000, ge=1, description="Resamples (prompts drawn with replacement) of the 95 % bootstrap intervals."
+    )
     output: str = Field("runs/default/eval.json", description="Metrics JSON (DVC metrics).")
     per_slot_output: str = Field(
-        "runs/default/eval_per_slot.tsv", description="Per-slot acceptance rates as TSV (DVC plot)."
+        "runs/default/eval_per_slot.tsv",
+        description="Per-slot acceptance rates of the drafter and of prompt lookup as TSV (DVC plot).",
+    )
+    per_prompt_output: str = Field(
+        "runs/default/eval_per_prompt.tsv",
+        description="Per-prompt table (tokens, rounds, committed, tau of every decoder) as TSV (DVC plot).",
     )
 
 

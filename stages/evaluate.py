@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: params.yaml [target, evaluate] + exported drafter + held-out prompts
--> speculative-decoding metrics (JSON) and per-slot acceptance (TSV plot)."""
+-> speculative-decoding metrics beside the prompt-lookup baseline (JSON), per-slot acceptance and
+per-prompt counts (TSV plots)."""
 
 from dspark_offline.config import load_params
 from dspark_offline.entry import setup_process_env

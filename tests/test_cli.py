@@ -39,6 +39,8 @@ def capture(monkeypatch, tmp_path):
         (["export", "--output", "out"], "dspark_offline.train.export", {"export": {"output": "out"}}),
         (["evaluate", "--temperature", "0.7", "--num-prompts", "3"], "dspark_offline.evaluate",
          {"evaluate": {"temperature": 0.7, "num_prompts": 3}}),
+        (["evaluate", "--compare", "runs/baseline/drafter", "--drafter", "d"], "dspark_offline.evaluate",
+         {"evaluate": {"compare": "runs/baseline/drafter", "drafter": "d"}}),
     ],
 )
 def test_command_passes_exact_params(capture, argv, module, expected):

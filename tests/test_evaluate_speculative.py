@@ -16,7 +16,7 @@ from dspark_offline.evaluate.drafter import DrafterMismatchError, ServingDrafter
 from dspark_offline.evaluate.lossless import LosslessnessError, check_lossless
 from dspark_offline.evaluate.proposal import Proposal
 from dspark_offline.evaluate.report import EvalTally
-from dspark_offline.evaluate.speculative import speculative_decode
+from dspark_offline.evaluate.speculative import RoundStats, speculative_decode
 from dspark_offline.evaluate.target import TargetSession, stop_token_ids, target_decode
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import save_serving
@@ -81,11 +81,12 @@ class Oracle:
         self.reference, self.prompt_len, self.wrong_from = reference, prompt_len, wrong_from
         self.ctx_len = 0
 
-    def begin(self, states):
-        assert states.shape[1:] == (2, 64)
+    def begin(self, states, ids):
+        assert states.shape[1:] == (2, 64) and ids.shape == states.shape[:1]
         self.ctx_len = states.shape[0]
 
-    def extend(self, states):
+    def extend(self, states, ids):
+        assert ids.shape == states.shape[:1]
         self.ctx_len += states.shape[0]
 
     def propose(self, last_token, position, temperature, generator):
@@ -104,7 +105,7 @@ def test_random_drafter_is_lossless_and_tau_about_one(tiny):
         spec = speculative_decode(model, drafter, prompt, max_new_tokens=24, stop_ids=stops)
         check_lossless(i, i, reference, spec.tokens)
         assert len(spec.tokens) == 24 or spec.tokens[-1] in stops
-        tally.add_prompt(spec.rounds, len(spec.tokens), 1.0, len(reference), 1.0)
+        tally.add_prompt(spec.rounds, len(spec.tokens), 1.0)
     m = tally.metrics()
     assert m["draft_tokens_proposed"] == BLOCK * m["num_rounds"]
     if arch == "qwen3":
@@ -127,7 +128,7 @@ def test_oracle_drafter_accept_counting(tiny, wrong_from):
     full_rounds = spec.rounds[:-1]  # the last round may be cut by the budget / reference end
     assert full_rounds and all(r.accepted == wrong_from and r.proposed == BLOCK for r in full_rounds)
     tally = EvalTally(BLOCK)
-    tally.add_prompt(full_rounds, 0, 0.0, 0, 0.0)
+    tally.add_prompt(full_rounds, 0, 0.0)
     assert tally.metrics()["tau"] == wrong_from + 1
     assert tally.per_slot() == [1.0 if j < wrong_from else 0.0 for j in range(BLOCK)]
 
@@ -205,12 +206,12 @@ class SelfDrafter:
     def __init__(self, model, prompt, temperature):
         self.model, self.prompt, self.temperature = model, prompt, temperature
 
-    def begin(self, states):
+    def begin(self, states, ids):
         self.session = TargetSession(self.model, [0])
         self.session.forward(self.prompt)
         self.position = states.shape[0]
 
-    def extend(self, states):
+    def extend(self, states, ids):
         self.position += states.shape[0]
         self.session.crop(self.position)  # keep last token + accepted drafts
 
@@ -259,6 +260,73 @@ def test_serving_drafter_context_must_match_position(tiny):
     assert isinstance(drafter, ServingDrafter)
     session = TargetSession(model, drafter.layer_ids)
     _, states = session.forward(prompts[0])
-    drafter.begin(states)
+    drafter.begin(states, prompts[0])
     with pytest.raises(RuntimeError, match="holds"):
         drafter.propose(0, len(prompts[0]) + 1, 0.0, None)
+
+
+class ShortOracle(Oracle):
+    """The target's own continuation, but round r proposes only `lengths[r % len(lengths)]` tokens
+    (0 = an empty proposal), with a confidence logit per proposed token."""
+
+    def __init__(self, reference, prompt_len, lengths, confidence=None):
+        super().__init__(reference, prompt_len)
+        self.lengths, self.confidence, self.round = lengths, confidence, 0
+
+    def propose(self, last_token, position, temperature, generator):
+        full = super().propose(last_token, position, temperature, generator)
+        n = self.lengths[self.round % len(self.lengths)]
+        self.round += 1
+        conf = None if self.confidence is None else torch.tensor(self.confidence[:n])
+        return Proposal(full.tokens[:n], None, conf)
+
+
+def test_variable_length_proposals(tiny):
+    """Short and empty proposals: output unchanged, each round counts what it proposed."""
+    model, _, prompts, _, _ = tiny
+    reference = target_decode(model, prompts[0], 30, frozenset())
+    lengths = [2, 0, BLOCK, 1, 3]
+    spec = speculative_decode(
+        model, ShortOracle(reference, len(prompts[0]), lengths), prompts[0], max_new_tokens=30, stop_ids=frozenset()
+    )
+    assert spec.tokens == reference
+    expected = [lengths[r % len(lengths)] for r in range(len(spec.rounds))]
+    assert [r.proposed for r in spec.rounds] == expected
+    assert [r.accepted for r in spec.rounds[:-1]] == expected[:-1]  # the oracle is right: all accepted
+    tally = EvalTally(BLOCK)
+    tally.add_prompt(spec.rounds, len(spec.tokens), 1.0)
+    assert tally.slot_proposed == [sum(n > j for n in expected) for j in range(BLOCK)]
+
+
+def test_confidence_cut_of_a_short_proposal(tiny):
+    model, _, prompts, _, _ = tiny
+    reference = target_decode(model, prompts[0], 20, frozenset())
+    # logits: slot 0 confident, slot 1 not -> every proposal is cut to at most 1 token
+    oracle = ShortOracle(reference, len(prompts[0]), [3, 1, 0], confidence=[5.0, -5.0, 5.0])
+    spec = speculative_decode(
+        model, oracle, prompts[0], max_new_tokens=20, stop_ids=frozenset(), confidence_threshold=0.5
+    )
+    assert spec.tokens == reference
+    assert [r.proposed for r in spec.rounds] == [min(1, [3, 1, 0][r % 3]) for r in range(len(spec.rounds))]
+
+
+def test_a_proposal_longer_than_the_block_is_refused(tiny):
+    model, _, prompts, _, _ = tiny
+    reference = target_decode(model, prompts[0], 12, frozenset())
+    oracle = ShortOracle(reference, len(prompts[0]), [BLOCK])
+    oracle.block_size = BLOCK - 1
+    with pytest.raises(ValueError, match=f"proposed {BLOCK} tokens, more than its block size {BLOCK - 1}"):
+        speculative_decode(model, oracle, prompts[0], max_new_tokens=12, stop_ids=frozenset())
+
+
+def test_tally_of_variable_length_rounds():
+    tally = EvalTally(7)
+    tally.add_prompt([RoundStats(3, 3), RoundStats(0, 0), RoundStats(5, 2)], 11, 0.5)
+    tally.add_prompt([RoundStats(7, 0)], 1, 0.5)
+    assert tally.slot_proposed == [3, 3, 3, 2, 2, 1, 1]
+    assert tally.slot_accepted == [2, 2, 1, 0, 0, 0, 0]
+    assert tally.per_slot() == [2 / 3, 2 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0]
+    assert tally.tau == (4 + 1 + 3 + 1) / 4
+    assert (tally.prompt_rounds, tally.prompt_committed, tally.prompt_tokens) == ([3, 1], [8, 1], [11, 1])
+    with pytest.raises(ValueError, match="inconsistent round"):
+        tally.add_prompt([RoundStats(8, 1)], 1, 0.1)

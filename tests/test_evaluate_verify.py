@@ -53,6 +53,31 @@ def test_rejection_formula_preserves_target_exactly(seed):
     torch.testing.assert_close(_first_token_law(p, q), p, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("token", range(4))
+def test_rejection_formula_with_a_deterministic_draft(token):
+    """Prompt lookup's q is one-hot: accept its token with probability p(token), else resample
+    from p without it; the committed token is still distributed as p."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q = torch.nn.functional.one_hot(torch.tensor(token), 4).float()
+    torch.testing.assert_close(_first_token_law(p, q), p)
+    residual = residual_distribution(p, q)
+    assert residual[token] == 0 and torch.allclose(residual.sum(), torch.tensor(1.0))
+
+
+def test_verify_rejection_with_a_one_hot_draft_is_distributed_like_the_target():
+    g = torch.Generator().manual_seed(1)
+    p = torch.tensor([[0.1, 0.6, 0.3], [1 / 3, 1 / 3, 1 / 3]])
+    q = torch.tensor([[0.0, 1.0, 0.0]])  # always proposes token 1
+    counts, accepted, n = torch.zeros(3), 0, 6000
+    for _ in range(n):
+        v = verify_rejection(torch.tensor([1]), q, p, g)
+        first = 1 if v.num_accepted else v.next_token
+        counts[first] += 1
+        accepted += v.num_accepted
+    torch.testing.assert_close(counts / n, p[0], atol=0.025, rtol=0)
+    assert abs(accepted / n - 0.6) < 0.025  # acceptance probability = p(proposed token)
+
+
 def test_rejection_formula_with_disjoint_support():
     p = torch.tensor([0.5, 0.5, 0.0, 0.0])
     q = torch.tensor([0.0, 0.0, 0.3, 0.7])

@@ -48,7 +48,9 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     for stage in ("prepare", "dump", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     metrics = json.loads((repo / "runs/tiny/eval.json").read_text())
-    assert metrics["tau"] >= 1.0
+    assert metrics["tau"] >= 1.0 and metrics["tau_prompt_lookup"] >= 1.0 and metrics["lossless"] is True
+    assert len(metrics["tau_ci95"]) == 2 and metrics["tau_vs_prompt_lookup"] > 0
+    assert len((repo / "runs/tiny/eval_per_prompt.tsv").read_text().splitlines()) == 1 + metrics["num_prompts"]
     assert (repo / "runs/tiny/drafter/model.safetensors").exists()
     assert (repo / "runs/tiny/metrics.json").exists()
 
@@ -58,4 +60,4 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out[-3000:]
     assert "Running stage 'dump'" not in out and "Running stage 'prepare'" not in out, out[-3000:]
     shown = _run(["dvc", "metrics", "show", "--json"], repo)
-    assert "tau" in shown
+    assert all(f'"{key}"' in shown for key in ("tau", "tau_prompt_lookup", "tau_vs_prompt_lookup")), shown

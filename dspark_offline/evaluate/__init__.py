@@ -2,8 +2,9 @@
 
 Modules: `verify` (greedy / rejection-sampling acceptance, pure), `target` (HF target, KV-cached
 session, plain decode), `proposal` (drafter interface, confidence early stop), `drafter`
-(exported DSpark drafter adapter), `speculative` (the decoding loop), `lossless`, `prompts`,
-`report` (metrics and DVC files), `runner` (the stage).
+(exported DSpark drafter adapter), `prompt_lookup` (the no-training baseline), `speculative` (the
+decoding loop), `lossless`, `prompts`, `bootstrap` (intervals over prompts, pure), `report`
+(metrics and DVC files), `runner` (the stage).
 """
 
 from dspark_offline.evaluate.runner import run

@@ -36,10 +36,11 @@ class ServingDrafter:
         """states [k, L, H] -> ctx [1, k, H]."""
         return self.model.context(states.to(self.device, self.dtype)[None])
 
-    def begin(self, states: torch.Tensor) -> None:
+    def begin(self, states: torch.Tensor, ids: torch.Tensor) -> None:
+        """states [P, L, H]; the token ids are not read (the block input gets x[a] in `propose`)."""
         self._ctx = self._project(states)
 
-    def extend(self, states: torch.Tensor) -> None:
+    def extend(self, states: torch.Tensor, ids: torch.Tensor) -> None:
         if self._ctx is None:
             raise RuntimeError("ServingDrafter.extend() before begin(): no sequence started")
         self._ctx = torch.cat([self._ctx, self._project(states)], dim=1)  # [1, T+k, H]

@@ -21,9 +21,14 @@ class LosslessnessError(RuntimeError):
 
 
 def check_lossless(
-    prompt_index: int, sample_id: int, reference: list[int], speculative: list[int], hint: str = ""
+    prompt_index: int,
+    sample_id: int,
+    reference: list[int],
+    speculative: list[int],
+    hint: str = "",
+    decoder: str = "speculative",
 ) -> None:
-    """Raise `LosslessnessError` naming the prompt and the first differing generated position."""
+    """Raise `LosslessnessError` naming the prompt, the decoder and the first differing position."""
     if reference == speculative:
         return
     first = next(
@@ -33,7 +38,7 @@ def check_lossless(
     ref_tok = reference[first] if first < len(reference) else "<end>"
     spec_tok = speculative[first] if first < len(speculative) else "<end>"
     raise LosslessnessError(
-        f"prompt {prompt_index} (eval sample_id {sample_id}): speculative greedy output differs from the "
+        f"prompt {prompt_index} (eval sample_id {sample_id}): {decoder} greedy output differs from the "
         f"target's greedy decode at generated position {first}: speculative token {spec_tok}, target token "
         f"{ref_tok} (lengths {len(speculative)} vs {len(reference)}){hint}"
     )

@@ -2,9 +2,10 @@
 
 Per round, with ``a`` = position of the last committed token ``x_a`` (not yet seen by the target):
 
-1. the drafter gets the target layer states of positions ``0 .. a-1`` (kept incrementally: each
-   round appends the states of the tokens it verified) and drafts ``d_0 .. d_{B-1}``;
-2. the confidence rule may cut the draft to ``d_0 .. d_{n-1}``;
+1. the drafter gets the target layer states and token ids of positions ``0 .. a-1`` (kept
+   incrementally: each round appends those of the tokens it verified) and drafts up to ``B``
+   tokens ``d_0 ..`` (a proposer without a match drafts none);
+2. the confidence rule may cut the draft to ``d_0 .. d_{n-1}`` (n <= the number drafted);
 3. ONE target forward over ``[x_a, d_0 .. d_{n-1}]`` at positions ``a .. a+n`` with the KV cache
    gives ``n + 1`` next-token distributions and the layer states of those positions;
 4. greedy (T = 0) or rejection-sampling (T > 0) verification accepts ``k`` tokens and yields the
@@ -58,7 +59,7 @@ def _finish(tokens: list[int], max_new_tokens: int, stop_ids: frozenset[int]) ->
 def speculative_decode(
     model: nn.Module,
     drafter: Drafter,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor,  # [P] int64
     *,
     max_new_tokens: int,
     stop_ids: frozenset[int],
@@ -69,12 +70,17 @@ def speculative_decode(
     """Decode after ``prompt`` [P] with speculation; see the module docstring for one round."""
     session = TargetSession(model, drafter.layer_ids)
     logits, states = session.forward(prompt, last_logits_only=True)  # [1, V], [P, L, H]
-    drafter.begin(states)
+    drafter.begin(states, prompt)
     tokens, done = _finish([_pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
     result = SpecResult(tokens)
     while not done:
         a = session.length  # position of the last committed token, tokens[-1]
         proposal = drafter.propose(tokens[-1], a, temperature, generator)
+        if proposal.tokens.numel() > drafter.block_size:
+            raise ValueError(
+                f"{type(drafter).__name__} proposed {proposal.tokens.numel()} tokens, more than its "
+                f"block size {drafter.block_size}"
+            )
         n = confident_prefix(proposal.confidence, confidence_threshold)
         draft = proposal.tokens[:n].long().cpu()  # [n]
         window = torch.cat([torch.tensor([tokens[-1]]), draft])  # [n+1]
@@ -89,7 +95,7 @@ def speculative_decode(
             verdict = verify_greedy(draft, logits)
         k = verdict.num_accepted
         session.crop(a + k + 1)
-        drafter.extend(states[: k + 1])  # positions a .. a+k are now verified
+        drafter.extend(states[: k + 1], window[: k + 1])  # positions a .. a+k are now verified
         result.rounds.append(RoundStats(proposed=len(draft), accepted=k))
         tokens, done = _finish(tokens + draft[:k].tolist() + [verdict.next_token], max_new_tokens, stop_ids)
     result.tokens = tokens

@@ -82,18 +82,23 @@ class TargetSession:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, last_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [n] -> (logits [n or 1, V] fp32, layer states [n, L, H])."""
+        """ids [n] -> (logits [n or 1, V] fp32, layer states [n, L, H]; L = 0 without layer ids)."""
         start = self.length
         ids = ids.to(self.device).view(1, -1)  # [1, n]
         positions = torch.arange(start, start + ids.shape[1], device=self.device).view(1, -1)  # [1, n]
+        kwargs = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "past_key_values": self.cache,
+            "use_cache": True,
+            "logits_to_keep": 1 if last_logits_only else 0,
+        }
+        if not self.layer_ids:  # a drafter that reads no layer (prompt lookup): nothing to hook
+            out = self.model(**kwargs)
+            hidden = int(self.model.config.hidden_size)
+            return out.logits[0].float(), torch.empty(ids.shape[1], 0, hidden, device=self.device)
         with capture_layers(self.model, self.layer_ids, capture_final=False) as cap:
-            out = self.model(
-                input_ids=ids,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=1 if last_logits_only else 0,
-            )
+            out = self.model(**kwargs)
             states = cap.stacked()[0]  # [n, L, H]
         return out.logits[0].float(), states
 

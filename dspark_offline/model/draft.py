@@ -136,16 +136,24 @@ class DSparkDraft(nn.Module):
             x = layer(x, ctx, rope_q, rope_ctx, mask)
         return self.norm(x)
 
+    def head_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen target head alone: hidden [..., H] -> lm_head(h) [..., V] float32
+        ([..., len(vocab)] over the vocabulary entries ``vocab`` only when given)."""
+        self._require_head()
+        head = self.lm_head_weight if vocab is None else self.lm_head_weight[vocab]  # [V or Vs, H]
+        return (hidden.to(head.dtype) @ head.T).float()
+
     def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """Draft logits [..., V] float32 = lm_head(h) (+ W2(W1[prev]) with the Markov head);
         [..., len(vocab)] over the vocabulary entries ``vocab`` only when given."""
-        self._require_head()
-        head = self.lm_head_weight if vocab is None else self.lm_head_weight[vocab]  # [V or Vs, H]
-        logits = (hidden.to(head.dtype) @ head.T).float()
-        if self.markov_head is not None:
-            logits = logits + self.markov_head.bias(prev_ids, rows=vocab).float()
-        return logits
+        return self._add_markov(self.head_logits(hidden, vocab), prev_ids, vocab)
+
+    def _add_markov(self, head_logits: torch.Tensor, prev_ids: torch.Tensor,
+                    vocab: torch.Tensor | None = None) -> torch.Tensor:
+        if self.markov_head is None:
+            return head_logits
+        return head_logits + self.markov_head.bias(prev_ids, rows=vocab).float()
 
     def confidence_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
         """Confidence logits [...] float32 on [h ; W1[prev]] (None without the head)."""
@@ -204,10 +212,18 @@ class DSparkDraft(nn.Module):
         pos = ctx_positions.to(dev).reshape(1, -1)  # [1, T]
         mask = block_layout(anchors, keep, pos.shape[1], b, ctx_positions=pos)
         h = self.backbone(self.embed(ids).to(ctx.dtype), positions, ctx, pos, mask)[0]  # [B, H]
+        # The lm_head part of every slot in ONE [B, H] x [H, V] matmul: the head weight is read
+        # once per block instead of once per slot (on CPU that read dominates). Only the Markov
+        # bias depends on the previous slot's token, so it alone is added inside the loop.
+        head = self.head_logits(h)  # [B, V]
+        guess, guess_bias = self._guess_markov(head, last, temperature)
         tokens, probs, conf = [], [], []
         prev = last
         for j in range(b):
-            logits = self.block_logits(h[j : j + 1], prev)[0]  # [V]
+            if guess is not None and int(prev) == guess[j]:
+                logits = head[j] + guess_bias[j]  # [V]
+            else:
+                logits = self._add_markov(head[j : j + 1], prev)[0]  # [V]
             c = self.confidence_logits(h[j : j + 1], prev)
             if temperature > 0:
                 p = torch.softmax(logits / temperature, dim=-1)
@@ -225,6 +241,23 @@ class DSparkDraft(nn.Module):
             confidence_logits=torch.cat(conf) if conf else None,
             probs=torch.stack(probs),
         )
+
+    def _guess_markov(
+        self, head: torch.Tensor, last: torch.Tensor, temperature: float
+    ) -> tuple[list[int] | None, torch.Tensor | None]:
+        """Greedy drafting only: the Markov biases of the likely previous tokens, in one matmul.
+
+        Slot j's previous token is slot j-1's argmax, usually the argmax of slot j-1's head logits
+        alone (the bias seldom moves it). One [B, r] x [r, V] matmul gives the bias of each such
+        guess, reading W2 once instead of once per slot; a slot whose actual previous token
+        differs from the guess gets its own bias, so the drafted tokens never depend on the
+        guesses. head [B, V], last [1] -> (guessed previous ids [B], their biases [B, V]) or
+        (None, None) without a Markov head or at T > 0 (sampled tokens are poor guesses).
+        """
+        if self.markov_head is None or temperature > 0:
+            return None, None
+        guess = torch.cat([last, head[:-1].argmax(dim=-1)])  # [B]
+        return guess.tolist(), self.markov_head.bias(guess).float()
 
 
 def _sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:  # [V] -> [1]

@@ -1,0 +1,77 @@
+"""benchmarks/draft_block.py: its per-slot reference (the code before the batched lm_head and the
+guessed Markov biases) and the library's `draft_block` draft the same blocks, also when the
+guesses miss."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_block.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("draft_block_benchmark", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("markov_head", [True, False])
+def test_batched_head_drafts_what_the_per_slot_loop_drafted(make_tiny_draft, markov_head):
+    bench = _load_script()
+    model = make_tiny_draft(markov_head=markov_head, confidence_head=markov_head, block_size=5).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (24,), generator=g).tolist()
+    with torch.no_grad():
+        ctx = model.context(torch.randn(1, 24, 2, 32, generator=g))  # [1, T, H]
+    starts = list(range(4, 24, 3))
+    greedy = bench.compare(model, ctx, ids, starts)
+    assert greedy == {"same_tokens": True, "max_prob_diff": 0.0}  # one-hot rows of the same argmax
+    sampled = bench.compare(model, ctx, ids, starts, temperature=1.0)
+    assert sampled["same_tokens"] and sampled["max_prob_diff"] < 1e-5
+
+
+def test_the_reference_is_really_per_slot(make_tiny_draft):
+    """Guard against a reference that silently became the batched code: it calls block_logits
+    once per slot with a single row."""
+    bench = _load_script()
+    model = make_tiny_draft().eval()
+    shapes = []
+    real = model.block_logits
+    model.block_logits = lambda h, prev, vocab=None: shapes.append(tuple(h.shape)) or real(h, prev, vocab)
+    with torch.no_grad():
+        ctx = model.context(torch.randn(1, 10, 2, 32))
+    bench.draft_block_per_slot(model, ctx, torch.arange(10), 3, 9)
+    assert shapes == [(1, 32)] * model.cfg.block_size
+
+
+@pytest.mark.parametrize("markov_scale, expect_misses", [(1.0, False), (300.0, True)])
+def test_guessed_markov_biases_hit_and_miss(make_tiny_draft, markov_scale, expect_misses):
+    """Greedy drafting computes the Markov biases of guessed previous tokens in one call; a slot
+    whose previous token was not the guess gets its own bias (a [1]-shaped call). A strong
+    Markov head moves the argmax, so guesses miss, and the tokens still equal the per-slot loop."""
+    bench = _load_script()
+    model = make_tiny_draft(block_size=6).eval()
+    with torch.no_grad():
+        model.markov_head.markov_w2.weight.mul_(markov_scale)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (30,), generator=g).tolist()
+    with torch.no_grad():
+        ctx = model.context(torch.randn(1, 30, 2, 32, generator=g))
+    calls = []
+    real_bias = model.markov_head.bias
+    model.markov_head.bias = lambda prev, rows=None: calls.append(prev.numel()) or real_bias(prev, rows=rows)
+    starts = list(range(3, 30, 2))
+    for a in starts:
+        model.draft_block(ctx, torch.arange(30), ids[a], a)
+    assert calls.count(6) == len(starts)  # one batched call per block
+    assert (calls.count(1) > 0) == expect_misses
+    model.markov_head.bias = real_bias
+    assert bench.compare(model, ctx, ids, starts)["same_tokens"]
+    hit_rate = bench.guess_hit_rate(model, ctx, ids, starts)
+    assert (hit_rate < 1.0) == expect_misses and hit_rate == 1 - calls.count(1) / (6 * len(starts))
+    assert "bias" not in vars(model.markov_head)  # the benchmark restored the method
