@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from dspark_offline.config import Params, load_params
 
 app = typer.Typer(
-    help="Train DSpark speculative-decoding drafters offline: prepare -> dump -> train -> export -> evaluate.",
+    help="Train DSpark speculative-decoding drafters offline: "
+    "prepare -> generate -> dump -> train -> export -> evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -96,6 +97,33 @@ def prepare(
 
 
 @app.command()
+def generate(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[str], typer.Option(help="Directory of the generated training data.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer tokens per prompt at most.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; > 0 samples with generate.seed.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together.")] = None,
+) -> None:
+    """On-policy data: the target answers the first turn of every training prompt (resumable).
+
+    Writes the prepared-data format to generate.output; the eval split is copied unchanged.
+    With generate.enabled false it writes only a marker and dump reads prepare.output.
+    """
+    p = build_params(
+        params,
+        set_,
+        **{
+            "generate.output": output,
+            "generate.max_new_tokens": max_new_tokens,
+            "generate.temperature": temperature,
+            "generate.batch_size": batch_size,
+        },
+    )
+    _run_stage("dspark_offline.generate", p)
+
+
+@app.command()
 def dump(
     params: ParamsOpt = None,
     set_: SetOpt = None,
@@ -104,7 +132,8 @@ def dump(
     part_index: Annotated[Optional[int], typer.Option(help="The part this worker writes (default: all).")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
 ) -> None:
-    """Run the target once over the prepared data and write the Zarr feature store (resumable)."""
+    """Run the target once over the training data (generate.output when generate.enabled, else
+    prepare.output) and write the Zarr feature store (resumable)."""
     p = build_params(
         params,
         set_,

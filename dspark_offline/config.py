@@ -63,6 +63,41 @@ class PrepareConfig(_Section):
     )
 
 
+class GenerateConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="On-policy data: the target answers the first user turn of every training sample "
+        "itself and dump reads generate.output; false = dump reads prepare.output (the stage then "
+        "writes only a marker).",
+    )
+    output: str = Field(
+        "data/generated", description="Directory the generated training data is written to (prepared-data format)."
+    )
+    max_new_tokens: int = Field(
+        256, ge=1, description="Answer tokens generated per prompt at most (the sample is also capped at "
+        "prepare.max_length tokens in all)."
+    )
+    temperature: float = Field(0.0, ge=0, description="0 = greedy; > 0 = sampling from softmax(logits / T).")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling at temperature > 0: keep the smallest set of tokens "
+        "whose probability reaches top_p; None = off."
+    )
+    stop_tokens: list[int | str] = Field(
+        default_factory=list,
+        description="Extra tokens that end an answer, as ids or as token strings that are one token of the "
+        "target's vocabulary; the target's EOS ids and the chat template's end-of-turn token always stop.",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts decoded together (length-sorted, left-padded).")
+    chunk_samples: int = Field(
+        64, ge=1, description="Prompts per chunk, the unit of resume: each finished chunk is saved in "
+        "<output>.partial/ until the run completes."
+    )
+    seed: int = Field(
+        0, description="Seed of sampling at temperature > 0; each prompt draws from its own generator "
+        "seeded with (seed, sample_id), so results do not depend on batching or resume."
+    )
+
+
 class DumpConfig(_Section):
     store: str = Field("data/features.zarr", description="Feature store path or fsspec URL (Zarr v3).")
     backend: Literal["hf", "vllm"] = Field("hf", description="Target backend that runs the forward.")
@@ -198,17 +233,30 @@ class Params(_Section):
 
     target: TargetConfig = Field(default_factory=TargetConfig, description="The target LLM.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Conversations -> tokens.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="On-policy data: the target answers the training prompts."
+    )
     dump: DumpConfig = Field(default_factory=DumpConfig, description="Stage 1: target features -> store.")
     draft: DraftConfig = Field(default_factory=DraftConfig, description="Drafter architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2: training.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Serving export.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Speculative decoding eval.")
 
+    def train_data_dir(self) -> str:
+        """The prepared-data directory `dump` reads: generate.output when generation is on,
+        else prepare.output. (`evaluate` always reads its prompts from prepare.output.)"""
+        return self.generate.output if self.generate.enabled else self.prepare.output
+
     @model_validator(mode="after")
     def _check_parts(self) -> Params:
         if self.dump.part_index is not None and self.dump.part_index >= self.dump.num_parts:
             raise ValueError(
                 f"dump.part_index={self.dump.part_index} must be < dump.num_parts={self.dump.num_parts}"
+            )
+        if Path(self.generate.output) == Path(self.prepare.output):
+            raise ValueError(
+                f"generate.output={self.generate.output!r} must differ from prepare.output "
+                f"(the generate stage would overwrite the prepared data)"
             )
         return self
 

@@ -1,6 +1,6 @@
 """Stage 1: run the target once over the prepared tokens and write the feature store.
 
-    prepared split -> plan (parts, shards) -> manifest -> store (create or resume)
+    prepared (or generated) train split -> plan (parts, shards) -> manifest -> store (create or resume)
       -> for each pending shard: length-sorted padded batches -> target forward
       -> whole shard handed to the background writer
 
@@ -89,7 +89,7 @@ def build_manifest(
         "compressor": cfg.compressor,
         "compression_level": cfg.compression_level,
         "data": DataInfo(
-            prepared_path=str(params.prepare.output),
+            prepared_path=str(params.train_data_dir()),
             split=SPLIT,
             prepared_fingerprint=split.fingerprint,
             max_length=split.meta.get("max_length"),
@@ -156,7 +156,9 @@ def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_toke
 
 
 def run(params: Params) -> str:
-    """Dump features of `params.prepare.output`/train into `params.dump.store`; return the store path."""
+    """Dump features of the training split (`params.train_data_dir()`: generate.output when
+    generation is on, else prepare.output) into `params.dump.store`; return the store path."""
+    from dspark_offline.data.errors import PreparedDataError
     from dspark_offline.data.prepared import PreparedSplit
     from dspark_offline.target.embedded import resolve_target_path
 
@@ -166,7 +168,13 @@ def run(params: Params) -> str:
     else:
         from dspark_offline.target.hf_backend import HFTarget as Target
 
-    split = PreparedSplit.load(params.prepare.output, SPLIT)
+    prepared = params.train_data_dir()
+    if params.generate.enabled and not (Path(prepared) / "meta.json").is_file():
+        raise PreparedDataError(
+            f"{prepared}: no generated data (generate.enabled is true): run `dspark-offline generate` "
+            "first, or set generate.enabled=false to dump prepare.output"
+        )
+    split = PreparedSplit.load(prepared, SPLIT)
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
     target = Target(
@@ -178,7 +186,7 @@ def run(params: Params) -> str:
         device=params.target.device,
     )
     info = target.info
-    _check_tokens(split, info, params.prepare.output)
+    _check_tokens(split, info, prepared)
 
     longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
     shard_tokens, chunk_tokens = effective_sizes(cfg.shard_tokens, cfg.chunk_tokens, longest)

@@ -63,6 +63,40 @@ def tiny_qwen3_dir(tmp_path_factory, embedded_target_dir) -> Path:
     return _make_tiny(tmp_path_factory.mktemp("tiny_qwen3"), embedded_target_dir, "qwen3")
 
 
+def _make_chatty(out: Path, tokenizer_dir: Path, arch: str) -> Path:
+    """Like `_make_tiny` but with a wider init and an untied head, so that greedy answers vary
+    with the prompt (the tiny targets above answer every prompt with one repeated token, which
+    makes decoding comparisons vacuous)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, initializer_range=0.1,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
+    model = (LlamaForCausalLM if arch == "llama" else Qwen3ForCausalLM)(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chatty_llama_dir(tmp_path_factory, embedded_target_dir) -> Path:
+    """Tiny random Llama (H=64, untied head, init std 0.1) whose greedy answers vary by prompt."""
+    return _make_chatty(tmp_path_factory.mktemp("chatty_llama"), embedded_target_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def chatty_qwen3_dir(tmp_path_factory, embedded_target_dir) -> Path:
+    """Tiny random Qwen3 (H=64, untied head, init std 0.1) whose greedy answers vary by prompt."""
+    return _make_chatty(tmp_path_factory.mktemp("chatty_qwen3"), embedded_target_dir, "qwen3")
+
+
 @pytest.fixture
 def make_tiny_draft():
     """Factory for a tiny random DSparkDraft (H=32, V=97) with a frozen random target head.

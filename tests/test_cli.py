@@ -31,6 +31,9 @@ def capture(monkeypatch, tmp_path):
     [
         (["prepare", "--num-samples", "12", "--source", "x.jsonl"], "dspark_offline.data.prepare",
          {"prepare": {"num_samples": 12, "source": "x.jsonl"}}),
+        (["generate", "--max-new-tokens", "32", "--output", "g", "--temperature", "0.5", "--batch-size", "4",
+          "-S", "generate.enabled=true"], "dspark_offline.generate",
+         {"generate": {"max_new_tokens": 32, "output": "g", "temperature": 0.5, "batch_size": 4, "enabled": True}}),
         (["dump", "--num-parts", "4", "--part-index", "3", "--overwrite"], "dspark_offline.dump",
          {"dump": {"num_parts": 4, "part_index": 3, "overwrite": True}}),
         (["train", "--store", "s.zarr", "--max-steps", "5", "--resume", "-S", "train.learning_rate=1e-3"],

@@ -77,9 +77,21 @@ def test_feature_store_is_persistent_and_uncached():
 
 def test_training_params_do_not_touch_stage_1():
     stages = _stages()
-    for name in ("prepare", "dump"):
+    for name in ("prepare", "generate", "dump"):
         assert "train" not in stages[name]["params"] and "draft" not in stages[name]["params"]
     assert "train" in stages["train"]["params"]
+
+
+def test_generate_sits_between_prepare_and_dump():
+    stages = _stages()
+    assert list(stages)[:3] == ["prepare", "generate", "dump"]
+    gen, dump, evaluate = stages["generate"], stages["dump"], stages["evaluate"]
+    assert "${prepare.output}" in gen["deps"] and gen["outs"] == ["${generate.output}"]
+    assert {"target", "generate", "prepare.max_length"} <= set(gen["params"])
+    # dump reads one of the two directories, chosen by generate.enabled: it depends on both and on the switch
+    assert {"${prepare.output}", "${generate.output}"} <= set(dump["deps"]) and "generate.enabled" in dump["params"]
+    # evaluate's prompts are the eval split of the prepare output, never the generated data
+    assert "${prepare.output}" in evaluate["deps"] and "${generate.output}" not in evaluate["deps"]
 
 
 def test_analytics_off():

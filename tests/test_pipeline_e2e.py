@@ -45,8 +45,13 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     _run(["git", "commit", "-qm", "tiny"], repo)
 
     out = _run(["dvc", "repro"], repo)
-    for stage in ("prepare", "dump", "train", "evaluate"):
+    for stage in ("prepare", "generate", "dump", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
+    # the tiny profile is on-policy: the store was dumped from the target's own answers
+    report = json.loads((repo / "data/generated/report.json").read_text())
+    assert report["samples"] >= 1 and report["generated_tokens"] >= report["samples"]
+    manifest = json.loads((repo / "data/features.zarr/zarr.json").read_text())["attributes"]["dspark_offline"]
+    assert manifest["data"]["prepared_path"] == "data/generated"
     metrics = json.loads((repo / "runs/tiny/eval.json").read_text())
     assert metrics["tau"] >= 1.0 and metrics["tau_prompt_lookup"] >= 1.0 and metrics["lossless"] is True
     assert len(metrics["tau_ci95"]) == 2 and metrics["tau_vs_prompt_lookup"] > 0
@@ -58,6 +63,7 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     _run(["git", "commit", "-qm", "lock"], repo)
     out = _run(["dvc", "exp", "run", "-S", "train.learning_rate=0.002"], repo)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out[-3000:]
-    assert "Running stage 'dump'" not in out and "Running stage 'prepare'" not in out, out[-3000:]
+    for stage in ("prepare", "generate", "dump"):
+        assert f"Running stage '{stage}'" not in out, out[-3000:]
     shown = _run(["dvc", "metrics", "show", "--json"], repo)
     assert all(f'"{key}"' in shown for key in ("tau", "tau_prompt_lookup", "tau_vs_prompt_lookup")), shown

@@ -185,6 +185,11 @@ class PreparedSplit:
         return np.array(self._a.input_ids[lo:hi]), np.array(self._a.loss_mask[lo:hi])  # int32 [S], uint8 [S]
 
     @property
+    def arrays(self) -> SplitArrays:
+        """The whole split as loaded (token arrays memory-mapped), e.g. to copy it unchanged."""
+        return self._a
+
+    @property
     def sample_ids(self) -> np.ndarray:
         return self._a.sample_ids  # int64 [N]
 

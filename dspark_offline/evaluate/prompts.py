@@ -1,8 +1,8 @@
 """Held-out prompts from the prepared eval split (never trained on).
 
-A prompt is the rendered conversation up to the first supervised token: ``ids[:i]`` where ``i``
-is the first index with ``loss_mask == 1`` (it ends with the first assistant header), so the
-target answers the first user turn as it would in deployment.
+A prompt is the rendered conversation up to the first supervised token (``data/prompts.py``,
+the same rule `generate` uses): it ends with the first assistant header, so the target answers
+the first user turn as it would in deployment.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from dspark_offline.data.prompts import prompt_from_sample
 
 
 class PromptError(ValueError):
@@ -22,15 +24,6 @@ class EvalPrompt:
     index: int  # row in the eval split
     sample_id: int  # index of the sample in the prepared data set
     ids: torch.Tensor  # [P] int64
-
-
-def prompt_from_sample(ids: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    """ids [S], mask [S] -> prompt ids [P], or None when the sample has no supervised token or
-    starts supervised (nothing to condition on)."""
-    supervised = np.flatnonzero(mask)
-    if supervised.size == 0 or supervised[0] == 0:
-        return None
-    return ids[: supervised[0]]
 
 
 def load_prompts(prepared_dir: str, num_prompts: int) -> tuple[list[EvalPrompt], int]:

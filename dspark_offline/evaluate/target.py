@@ -1,4 +1,4 @@
-"""The HF target during evaluation: loading, a KV-cached session with layer capture, plain decode.
+"""The HF target during evaluation: a KV-cached session with layer capture, plain decode.
 
 The plain decode (`target_decode`) is both the speed baseline ("without speculation") and, at
 T = 0, the losslessness reference: one token per forward with a KV cache, exactly what a user of
@@ -7,59 +7,14 @@ the target alone would run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
-from dspark_offline.config import TargetConfig
 from dspark_offline.target.capture import capture_layers
-from dspark_offline.target.embedded import resolve_target_path
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
-@dataclass
-class LoadedTarget:
-    model: nn.Module  # *ForCausalLM, eval mode
-    tokenizer: object
-    path: Path
-    stop_ids: frozenset[int]  # generation stops after any of these
-
-
-def stop_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
-    """EOS ids from the generation config (may be a list), else the tokenizer's EOS."""
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-
-
-def load_target(cfg: TargetConfig) -> LoadedTarget:
-    """Load the target named by ``params.target`` (embedded GGUF converted once)."""
-    path = resolve_target_path(cfg.path, cfg.cache_dir)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedTarget(model, tokenizer, Path(path), stop_token_ids(model, tokenizer))
+# The loader is shared with `generate` and lives with the HF backend; re-exported for callers here.
+from dspark_offline.target.hf_backend import LoadedTarget, load_target, stop_token_ids  # noqa: F401
 
 
 class TargetSession:

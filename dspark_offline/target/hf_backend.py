@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dspark_offline.config import TargetConfig
 from dspark_offline.target.capture import UnsupportedArchitectureError, capture_layers, find_decoder_parts
 from dspark_offline.target.fingerprint import tokenizer_hashes, weights_hash
 from dspark_offline.target.layers import validate_layer_ids
@@ -42,6 +44,45 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"target dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, object]:
+    """The one place a target is loaded: ``(*ForCausalLM in eval mode, frozen, on device; tokenizer)``."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+@dataclass
+class LoadedTarget:
+    """A target loaded for decoding (evaluate, generate)."""
+
+    model: nn.Module  # *ForCausalLM, eval mode
+    tokenizer: object
+    path: Path
+    stop_ids: frozenset[int]  # generation stops after any of these
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config (may be a list), else the tokenizer's EOS."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+def load_target(cfg: TargetConfig) -> LoadedTarget:
+    """Load the target named by ``params.target`` (embedded GGUF converted once) for decoding."""
+    from dspark_offline.target.embedded import resolve_target_path
+
+    path = resolve_target_path(cfg.path, cfg.cache_dir)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(path, resolve_dtype(cfg.dtype, device), device)
+    return LoadedTarget(model, tokenizer, Path(path), stop_token_ids(model, tokenizer))
 
 
 @dataclass
@@ -141,9 +182,7 @@ class HFTarget:
         self.path = resolve_target_path(str(model_dir), cache_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, attn_implementation="sdpa")
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model, self.tokenizer = load_model(self.path, self.dtype, self.device)
         self.config = self.model.config
         self._parts = find_decoder_parts(self.model)
         self._check_plain_head()
