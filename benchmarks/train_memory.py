@@ -91,7 +91,7 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     anchors, keep = sample_anchors(batch["loss_mask"].cpu(), batch["lengths"].cpu(), setting["num_anchors"], g)
     anchors, keep = anchors.to(device), keep.to(device)
-    loss_cfg = LossConfig(chunk_blocks=setting["chunk_blocks"])
+    loss_cfg = LossConfig(chunk_blocks=setting["chunk_blocks"], l1_mode="topk")  # the README's numbers: topk
 
     def step(a: torch.Tensor, k: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)

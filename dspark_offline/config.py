@@ -159,14 +159,27 @@ class TrainConfig(_Section):
     ce_weight: float = Field(0.1, ge=0, description="Weight of the cross-entropy loss.")
     l1_weight: float = Field(0.9, ge=0, description="Weight of the L1 distillation loss.")
     confidence_weight: float = Field(1.0, ge=0, description="Weight of the confidence BCE loss.")
-    l1_mode: Literal["topk", "exact"] = Field(
-        "topk", description="'topk' = L1 against cached top-k; 'exact' = full target distribution from final_hidden."
+    l1_mode: Literal["topk", "capped", "recompute", "exact"] = Field(
+        "recompute", description="How the L1 distillation term gets the target distribution p. "
+        "'recompute' = p on the draft's (training) vocabulary recomputed from the stored final_hidden, "
+        "its normaliser fitted on the stored top-k: exact up to fp16/bf16 rounding (mean |error| about "
+        "1e-4 at top-64 on the embedded default, README), one more logits matmul over that vocabulary; "
+        "needs final_hidden (dump.store_final_hidden, on by default). 'exact' = the full softmax of "
+        "final_hidden over the whole vocabulary (no closer in practice, slower). Without final_hidden: "
+        "'capped' = the tightest lower bound from the top-k alone (every tail probability <= the "
+        "smallest stored one); 'topk' = Σ_K|q-p| + |Q_rest - r|, a looser lower bound (mean error "
+        "about -0.06 at top-64). benchmarks/topk_l1.py measures all four."
     )
     chunk_blocks: int = Field(256, ge=1, description="Blocks per chunk when computing logits and losses.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Training dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )
     max_length: int | None = Field(None, ge=2, description="Truncate samples to this many tokens.")
+    cache_gb: float = Field(
+        4.0, ge=0, description="Keep the decoded training samples in memory, up to this many GiB per "
+        "process (and per DataLoader worker), so epochs after the first skip the store's reads and "
+        "decompression; samples beyond the cap are read from the store every time. 0 = off."
+    )
     vocab_size: int | None = Field(
         None, ge=2, description="Train the draft logits over only this many target tokens: those with the "
         "most target probability and occurrences in the training samples (train/vocab.py). Cuts the "

@@ -58,7 +58,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         model = _model()
         batch, anchors, keep = _batch()
         half = {k: v[rank : rank + 1] for k, v in batch.items()}
-        loss, _ = dspark_loss(model, half, anchors[rank : rank + 1], keep[rank : rank + 1], LossConfig())
+        loss, _ = dspark_loss(model, half, anchors[rank : rank + 1], keep[rank : rank + 1], LossConfig(l1_mode="topk"))
         loss.backward()
         g = _grads(model)
         dist.all_reduce(g)
@@ -73,7 +73,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 def test_two_processes_equal_one_process(tmp_path):
     model = _model()
     batch, anchors, keep = _batch()
-    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig())
+    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="topk"))
     loss.backward()
     single = _grads(model)
 

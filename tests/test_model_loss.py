@@ -10,10 +10,17 @@ import torch.nn.functional as F
 
 from dspark_offline.config import TrainConfig
 from dspark_offline.model import LossConfig, dspark_loss, sample_anchors
-from dspark_offline.model.loss import _block_targets, _topk_l1, confidence_examples, confidence_skill
+from dspark_offline.model.loss import (
+    _block_targets,
+    _capped_topk_l1,
+    _l1_with_stored_topk,
+    _topk_l1,
+    confidence_examples,
+    confidence_skill,
+)
 
 
-def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=False):
+def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=True):
     g = torch.Generator().manual_seed(seed)
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size - 1, (bt, s), generator=g)
@@ -55,10 +62,12 @@ def test_labels_eval_mask_weights_hand_example():
 
 def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     model = make_tiny_draft()
-    batch = make_batch(model)
+    batch = make_batch(model)  # fp32 top-k of softmax(final_hidden @ lm_head.T): the default mode is exact here
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
     loss, met = dspark_loss(model, batch, anchors, keep, LossConfig())
+    assert LossConfig().l1_mode == TrainConfig().l1_mode == "recompute"
     assert loss.item() == pytest.approx(0.1 * met["ce"] + 0.9 * met["l1"] + 1.0 * met["conf"], rel=1e-5)
+    _, met_topk = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="topk"))
     # the same from TrainConfig (the loop passes params.train)
     loss2, _ = dspark_loss(model, batch, anchors, keep, TrainConfig())
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
@@ -67,7 +76,7 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     with torch.no_grad():
         out = model(batch["input_ids"], batch["hidden"], anchors, keep)
         ids, m, lens = batch["input_ids"], batch["loss_mask"], batch["lengths"]
-        ce = l1 = bce = floor = tsum = wsum = 0.0
+        ce = l1 = l1_topk = bce = floor = tsum = wsum = 0.0
         for r in range(ids.shape[0]):
             for n in range(anchors.shape[1]):
                 a, alive = int(anchors[r, n]), bool(keep[r, n])
@@ -83,8 +92,10 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
                     q = torch.softmax(logits, -1)
                     ce += w * float(-torch.log_softmax(logits, -1)[ids[r, lab]])
                     ti, tp = batch["topk_ids"][r, a + j], batch["topk_probs"][r, a + j]
-                    d = float((q[ti] - tp).abs().sum() + ((1 - q[ti].sum()) - (1 - tp.sum())).abs())
+                    p = torch.softmax(model.lm_head_weight @ batch["final_hidden"][r, a + j], -1)
+                    d = float((q - p).abs().sum())
                     l1 += w * d
+                    l1_topk += w * float((q[ti] - tp).abs().sum() + ((1 - q[ti].sum()) - (1 - tp.sum())).abs())
                     c = model.confidence_head.proj(torch.cat([h, model.markov_head.markov_w1.weight[prev]]))
                     t = min(max(1 - d / 2, 0), 1)
                     bce += w * float(F.binary_cross_entropy_with_logits(c, torch.tensor([t])))
@@ -94,6 +105,7 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     assert met["weight"] == pytest.approx(wsum, rel=1e-5)
     assert met["ce"] == pytest.approx(ce / wsum, rel=1e-4)
     assert met["l1"] == pytest.approx(l1 / wsum, rel=1e-4)
+    assert met_topk["l1"] == pytest.approx(l1_topk / wsum, rel=1e-4) and met_topk["l1"] < met["l1"] - 1e-3
     assert met["conf"] == pytest.approx(bce / wsum, rel=1e-4)
     # the confidence BCE minus its soft-target entropy floor: a KL, so never negative
     assert met["conf_excess"] == pytest.approx((bce - floor) / wsum, rel=1e-3, abs=1e-6)
@@ -162,6 +174,143 @@ def test_topk_l1_bounds_and_full_k_is_exact():
         assert _topk_l1(q[ti][None, None], tp[None, None])[0, 0] == pytest.approx(float(exact), abs=1e-5)
 
 
+def _random_pair(g, v, sharp):
+    """(q, p) over v ids: softmaxes of scaled Gaussians; q has a random support of half the ids
+    (a training vocabulary: q is 0 elsewhere) in every other draw."""
+    q = torch.softmax(torch.randn(v, generator=g) * sharp, -1)
+    p = torch.softmax(torch.randn(v, generator=g) * sharp, -1)
+    if torch.rand((), generator=g) < 0.5:
+        q = q * (torch.rand(v, generator=g) < 0.5)
+        q = q / q.sum()
+    return q, p
+
+
+def test_capped_l1_lies_between_topk_bound_and_exact():
+    """The capped bound never falls below the old top-k bound, never exceeds the exact L1 (nor the
+    upper bound Σ_K|q−p| + Q_rest + r), is exact at k = V, and is strictly tighter somewhere."""
+    g = torch.Generator().manual_seed(0)
+    v, gained = 60, 0.0
+    for trial in range(200):
+        q, p = _random_pair(g, v, sharp=[0.5, 2.0, 5.0][trial % 3])
+        exact = float((q - p).abs().sum())
+        for k in (1, 2, 5, 10, 30, 59):
+            tp, ti = p.topk(k)
+            qk = q[ti]
+            low = float(_topk_l1(qk[None, None], tp[None, None])[0, 0])
+            capped = float(_capped_topk_l1(q[None, None], qk[None, None], tp[None, None])[0, 0])
+            upper = float((qk - tp).abs().sum() + (1 - qk.sum()) + (1 - tp.sum()))
+            assert low - 1e-6 <= capped <= exact + 1e-6 <= upper + 2e-6, (trial, k, low, capped, exact, upper)
+            gained = max(gained, capped - low)
+        tp, ti = p.topk(v)
+        assert float(_capped_topk_l1(q[None, None], q[ti][None, None], tp[None, None])[0, 0]) == \
+            pytest.approx(exact, abs=1e-5)
+    assert gained > 0.1  # not the old bound under another name
+
+
+@pytest.mark.parametrize("mode", ["topk", "capped", "recompute"])
+def test_modes_equal_exact_with_the_full_vocabulary_stored(make_tiny_draft, mode):
+    model = make_tiny_draft()
+    batch = make_batch(model, k=model.cfg.vocab_size, final_hidden=True)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    l_mode, m_mode = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode))
+    l_exact, m_exact = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+    assert m_exact["l1"] == pytest.approx(m_mode["l1"], rel=1e-4)
+    assert l_exact.item() == pytest.approx(l_mode.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "exact"])
+def test_final_hidden_modes_need_final_hidden(make_tiny_draft, mode):
+    model = make_tiny_draft()
+    batch = make_batch(model, final_hidden=False)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    with pytest.raises(KeyError, match=f"l1_mode='{mode}' needs final_hidden"):
+        dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode))
+    with pytest.raises(ValueError, match="l1_mode must be one of"):
+        dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="approx"))
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_recompute_is_exact_from_a_few_stored_probabilities(make_tiny_draft, subset):
+    """With exact (fp32) stored probabilities, recomputing p from final_hidden and fitting its
+    normaliser on the top-k gives the exact L1 from k = 1 on, with or without a training
+    vocabulary (here one that leaves out some top-k ids, even the top-1 of some positions)."""
+    model = make_tiny_draft()
+    batch = make_batch(model, k=4, final_hidden=True)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    if subset:
+        vocab = torch.randperm(model.cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:40]
+        vocab = torch.cat([vocab, batch["input_ids"].flatten()]).unique()
+        assert (~torch.isin(batch["topk_ids"][..., 0], vocab)).any()
+        model.set_train_vocab(vocab)
+    _, m_exact = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+    for k in (1, 4):
+        b = dict(batch, topk_ids=batch["topk_ids"][..., :k], topk_probs=batch["topk_probs"][..., :k])
+        _, m_re = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="recompute"))
+        _, m_topk = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="topk"))
+        assert m_re["l1"] == pytest.approx(m_exact["l1"], rel=1e-5), k
+        assert m_re["tau_probabilistic"] == pytest.approx(m_exact["tau_probabilistic"], rel=1e-5)
+        assert m_exact["l1"] - m_topk["l1"] > 1e-3  # the data leaves room for the bound to be wrong
+    # fp16-rounded probabilities (as stored): still close
+    b = dict(batch, topk_probs=batch["topk_probs"].half().float())
+    _, m_half = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="recompute"))
+    assert m_half["l1"] == pytest.approx(m_exact["l1"], abs=2e-3)
+
+
+def test_stored_probabilities_replace_the_recomputed_ones():
+    """`_l1_with_stored_topk` = the L1 against p with the stored probabilities written in at the
+    stored ids q has (a naive copy-and-assign reference), ids outside q's vocabulary ignored."""
+    g = torch.Generator().manual_seed(0)
+    n, b, vs, k = 3, 2, 30, 5
+    q = torch.softmax(torch.randn(n, b, vs, generator=g), -1)
+    p = torch.softmax(torch.randn(n, b, vs, generator=g), -1) * 0.9  # some mass outside the vocabulary
+    pos = torch.stack([torch.randperm(vs, generator=g)[:k] for _ in range(n * b)]).view(n, b, k)
+    inside = torch.rand(n, b, k, generator=g) < 0.7
+    stored = torch.rand(n, b, k, generator=g) * 0.1  # deliberately unlike p at those ids
+    got = _l1_with_stored_topk(q, p, pos, inside, stored)
+    for i in range(n):
+        for j in range(b):
+            pp = p[i, j].clone()
+            for c in range(k):
+                if inside[i, j, c]:
+                    pp[pos[i, j, c]] = stored[i, j, c]
+            want = (q[i, j] - pp).abs().sum() + (1 - pp.sum()).clamp(min=0)
+            assert float(got[i, j]) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_recompute_gradients_are_the_exact_ones_and_reach_only_the_drafter(make_tiny_draft):
+    """The target distribution is a constant: with exact stored probabilities, recompute gives the
+    exact mode's gradients, and none flows into final_hidden, the stored top-k or the frozen head."""
+    grads = {}
+    for mode in ("recompute", "exact"):
+        model = make_tiny_draft()
+        model.set_train_vocab(torch.arange(0, model.cfg.vocab_size, 2))  # mass outside counts as distance
+        batch = make_batch(model, k=3, final_hidden=True)
+        batch["final_hidden"].requires_grad_(True)
+        batch["topk_probs"].requires_grad_(True)
+        anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+        loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode, ce_weight=0.0, confidence_weight=0.0))
+        loss.backward()
+        assert batch["final_hidden"].grad is None and batch["topk_probs"].grad is None, mode
+        assert not model.lm_head_weight.requires_grad
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["recompute"].keys() == grads["exact"].keys() and grads["exact"]
+    for n, g in grads["exact"].items():
+        torch.testing.assert_close(grads["recompute"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["capped", "recompute"])
+def test_new_modes_give_finite_gradients_to_the_drafter(make_tiny_draft, mode):
+    model = make_tiny_draft()
+    batch = make_batch(model, final_hidden=True)
+    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+    model.set_train_vocab(torch.arange(0, model.cfg.vocab_size, 2))
+    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode, ce_weight=0.0, confidence_weight=0.0))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert sum(float(gr.abs().sum()) for gr in grads) > 0
+
+
 def test_exact_mode_equals_topk_with_full_vocab(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model, k=model.cfg.vocab_size, final_hidden=True)
@@ -175,13 +324,14 @@ def test_exact_mode_equals_topk_with_full_vocab(make_tiny_draft):
         dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
 
 
-def test_chunked_equals_unchunked(make_tiny_draft):
+@pytest.mark.parametrize("mode", ["topk", "capped", "recompute", "exact"])
+def test_chunked_equals_unchunked(make_tiny_draft, mode):
     grads, losses = [], []
     for chunk in (1, 3, 10_000):
         model = make_tiny_draft()
-        batch = make_batch(model)
+        batch = make_batch(model, final_hidden=True)
         anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-        loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(chunk_blocks=chunk))
+        loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(chunk_blocks=chunk, l1_mode=mode))
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -215,7 +365,7 @@ def test_no_valid_block_gives_zero_loss_with_graph(make_tiny_draft):
     loss.backward()  # still differentiable (DeepSpeed needs a graph every step)
 
 
-@pytest.mark.parametrize("l1_mode", ["topk", "exact"])
+@pytest.mark.parametrize("l1_mode", ["topk", "capped", "recompute", "exact"])
 def test_training_vocabulary_equals_masking_the_rest(make_tiny_draft, l1_mode):
     """Training over a vocabulary subset = the full-vocabulary objective with every other logit at
     -inf (here: -1e4 through a constant Markov channel), as long as labels and top-k lie inside."""

@@ -149,9 +149,11 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
         ({"target_name": "another-target"}, {}, r"target\.name='another-target'.*needs target\.name='synthetic-tiny'"),
         ({"layer_ids": (2, 4)}, {}, r"layer_ids=\[2, 4\].*needs layer_ids=\[1, 3\]"),
         ({"final_hidden": False}, {"l1_mode": "exact"}, r"has_final_hidden=False.*has_final_hidden=True"),
+        ({"final_hidden": False}, {}, r"has_final_hidden=False but train\.l1_mode='recompute' needs.*l1_mode=capped"),
         ({"top_k": 4, "drop": "topk_ids"}, {}, r"sample 0.*topk_ids"),
     ],
-    ids=["other-target", "other-layer-ids", "exact-without-final-hidden", "missing-topk"],
+    ids=["other-target", "other-layer-ids", "exact-without-final-hidden", "default-without-final-hidden",
+         "missing-topk"],
 )
 def test_incompatible_store_is_refused_before_step_one(tmp_path, store_kw, params_kw, message):
     """Acceptance (7): the error names the store's value and the one the drafter needs."""

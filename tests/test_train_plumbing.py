@@ -129,6 +129,21 @@ def test_dataset_truncates_and_names_the_failing_sample():
         ds[1]
 
 
+def test_dataset_cache_keeps_items_up_to_its_byte_cap():
+    store = _FakeStore([[0, 1, 1, 1, 1], [1, 1, 1]])  # items of 385 and 231 bytes
+    reads = []
+    real = store.sample
+    store.sample = lambda i, **kw: reads.append(i) or real(i, **kw)
+    ds = FeatureDataset(store, np.array([0, 1]), max_length=None, cache_bytes=400)
+    first = [ds[0], ds[1]]
+    second = [ds[0], ds[1]]
+    assert reads == [0, 1, 1]  # item 0 is kept; item 1 would pass the cap, so it is read again
+    assert second[0] is first[0] and torch.equal(second[1]["hidden"], first[1]["hidden"])
+    uncached = FeatureDataset(store, np.array([0, 1]), max_length=None)
+    uncached[0], uncached[0]
+    assert reads[3:] == [0, 0]
+
+
 def test_collate_right_pads():
     store = _FakeStore([[1, 1, 1, 1], [0, 1]])
     ds = FeatureDataset(store, np.array([0, 1]), max_length=None)

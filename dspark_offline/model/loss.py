@@ -7,15 +7,24 @@ data-parallel token weight so DeepSpeed's gradient averaging yields a token-pool
 
 Batch (right-padded): `input_ids [Bt,S] int64`, `loss_mask [Bt,S] bool`, `lengths [Bt]`,
 `hidden [Bt,S,L,H]`, `topk_ids [Bt,S,K]`, `topk_probs [Bt,S,K] float32`, optional
-`final_hidden [Bt,S,H]` (post-final-norm, needed by `l1_mode="exact"`).
+`final_hidden [Bt,S,H]` (post-final-norm, needed by `l1_mode` "recompute" and "exact").
 
 `loss_cfg` is anything with the `config.TrainConfig` fields `ce_weight`, `l1_weight`,
 `confidence_weight`, `gamma`, `l1_mode`, `chunk_blocks` (a `TrainConfig` itself, or `LossConfig`).
 
 Acceptance proxy: `accept_j = clamp(1 − L1_j/2, 0, 1)` is the min(q, p) overlap, i.e. the
 probability that rejection sampling accepts slot j given slots < j were accepted. It is the
-confidence head's target and the factor of `tau_probabilistic`. In `topk` mode L1 is a lower
-bound of the exact L1, so accept_j (and tau) is an optimistic estimate; `exact` mode is exact.
+confidence head's target and the factor of `tau_probabilistic`.
+
+L1 modes (`l1_mode`; measured in `benchmarks/topk_l1.py`):
+- `topk`: Σ_K|q−p| + |Q_rest − r|, a lower bound of the exact L1 (the tail compared as one
+  bin), so accept_j and tau are optimistic.
+- `capped`: the tightest lower bound the top-k alone allows (every tail probability is at most
+  the smallest stored one); never below `topk`, never above the exact L1.
+- `recompute`: the target distribution on the draft's vocabulary recomputed from
+  `final_hidden` (one more [Vs] logits matmul, no pass over the whole vocabulary), exact up to
+  the rounding of the stored probabilities and of `final_hidden`.
+- `exact`: the full softmax of `final_hidden` over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -38,8 +47,16 @@ class LossConfig:
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
     gamma: float = 4.0
-    l1_mode: str = "topk"
+    l1_mode: str = "recompute"
     chunk_blocks: int = 256
+
+
+L1_MODES = ("topk", "capped", "recompute", "exact")
+
+
+def needs_final_hidden(l1_mode: str) -> bool:
+    """Whether an `l1_mode` reads the target's final hidden state (`final_hidden`)."""
+    return l1_mode in ("recompute", "exact")
 
 
 def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, loss_cfg,
@@ -61,7 +78,8 @@ def dspark_loss(model, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, l
     h, prev, labels, w, e = blk["hidden"], blk["prev"], blk["labels"], blk["weight"], blk["eval"]
     tk_ids, tk_probs, tgt_h = blk["topk_ids"], blk["topk_probs"], blk["target_hidden"]
 
-    sums = _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, int(loss_cfg.chunk_blocks))
+    sums = _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, int(loss_cfg.chunk_blocks),
+                          loss_cfg.l1_mode)
     local_w = w.sum().detach()
     global_w, world = _dp_weight(local_w, dp_group) if dp_reduce else (local_w, 1)
     num = (loss_cfg.ce_weight * sums["ce"] + loss_cfg.l1_weight * sums["l1"]
@@ -84,7 +102,7 @@ def confidence_examples(model, batch: dict, anchors: torch.Tensor, keep: torch.T
     with torch.no_grad():
         _, blk = _supervised_blocks(model, batch, anchors, keep, loss_cfg)
         q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"], core.train_vocab), dim=-1)  # [N, B, V']
-        l1 = _l1_to_target(core, q, blk["topk_ids"], blk["topk_probs"], blk["target_hidden"])
+        l1 = _l1_to_target(core, q, blk["topk_ids"], blk["topk_probs"], blk["target_hidden"], loss_cfg.l1_mode)
     return blk["hidden"], blk["prev"], _acceptance(l1), blk["weight"]
 
 
@@ -92,7 +110,7 @@ def _supervised_blocks(model, batch: dict, anchors, keep, loss_cfg) -> tuple[obj
     """Drafter forward + labels, kept to the N blocks with at least one supervised slot.
 
     Returns (forward output, dict of [N, B, ...] tensors: hidden, prev, labels, weight, eval,
-    topk_ids, topk_probs, target_hidden (None unless l1_mode is 'exact')).
+    topk_ids, topk_probs, target_hidden (None unless the l1_mode reads final_hidden)).
     """
     core = getattr(model, "module", model)
     _check_batch(batch, loss_cfg)
@@ -106,18 +124,23 @@ def _supervised_blocks(model, batch: dict, anchors, keep, loss_cfg) -> tuple[obj
     src = tg["src"][bi, ai]  # [N, B] position of each slot's target distribution
     rows = bi[:, None].expand_as(src)  # [N, B]
     blk["topk_ids"] = batch["topk_ids"][rows, src]  # [N, B, K]
-    blk["topk_probs"] = batch["topk_probs"][rows, src].float()  # [N, B, K]
-    blk["target_hidden"] = batch["final_hidden"][rows, src] if loss_cfg.l1_mode == "exact" else None  # [N, B, H]
+    # The target distribution is a constant of the objective: gradients reach the drafter only.
+    blk["topk_probs"] = batch["topk_probs"][rows, src].detach().float()  # [N, B, K]
+    tgt = batch["final_hidden"][rows, src].detach() if needs_final_hidden(loss_cfg.l1_mode) else None  # [N, B, H]
+    blk["target_hidden"] = tgt
     return out, blk
 
 
-def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h):
-    """L1 between the draft distribution q [n, B, V or Vs] and the target's: exact from the
-    target's final hidden state when given, else the top-k lower bound. With a training
-    vocabulary q is 0 outside it, so the exact L1 adds the target mass that lies outside."""
-    if tgt_h is None:
+def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h, mode: str) -> torch.Tensor:
+    """L1 [n, B] between the draft distribution q [n, B, V or Vs] and the target's, by `l1_mode`
+    (module docstring). With a training vocabulary q is 0 outside it, so every mode counts the
+    target mass that lies outside as distance."""
+    if mode in ("topk", "capped"):
         pos, inside = _in_vocab(core, tk_ids)
-        return _topk_l1(q.gather(-1, pos) * inside, tk_probs)
+        qk = q.gather(-1, pos) * inside  # [n, B, K]
+        return _topk_l1(qk, tk_probs) if mode == "topk" else _capped_topk_l1(q, qk, tk_probs)
+    if mode == "recompute":
+        return _recomputed_l1(core, q, tk_ids, tk_probs, tgt_h)
     with torch.no_grad():  # the target distribution is a constant of the objective
         p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
     if core.train_vocab is None:
@@ -134,15 +157,15 @@ def _acceptance(l1: torch.Tensor) -> torch.Tensor:
 
 def _check_batch(batch: dict, loss_cfg) -> None:
     need = ["input_ids", "loss_mask", "lengths", "hidden", "topk_ids", "topk_probs"]
-    if loss_cfg.l1_mode == "exact":
+    if loss_cfg.l1_mode not in L1_MODES:
+        raise ValueError(f"l1_mode must be one of {L1_MODES}, got {loss_cfg.l1_mode!r}")
+    if needs_final_hidden(loss_cfg.l1_mode):
         need.append("final_hidden")
     missing = [k for k in need if batch.get(k) is None]
     if missing:
-        hint = " (l1_mode='exact' needs final_hidden: dump with dump.store_final_hidden=true)" \
-            if "final_hidden" in missing else ""
+        hint = (f" (l1_mode={loss_cfg.l1_mode!r} needs final_hidden: dump with dump.store_final_hidden=true, "
+                "or train with l1_mode='capped' or 'topk')") if "final_hidden" in missing else ""
         raise KeyError(f"batch is missing {missing}{hint}")
-    if loss_cfg.l1_mode not in ("topk", "exact"):
-        raise ValueError(f"l1_mode must be 'topk' or 'exact', got {loss_cfg.l1_mode!r}")
 
 
 def _block_targets(input_ids, loss_mask, lengths, anchors, keep, b: int, gamma: float) -> dict:
@@ -165,7 +188,7 @@ def _block_targets(input_ids, loss_mask, lengths, anchors, keep, b: int, gamma: 
     return {"labels": labels, "prev": flat(input_ids, src), "eval": ev, "weight": weight, "src": src}
 
 
-def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
+def _chunk_terms(core, l1_mode, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     """Loss sums and detached statistics of one chunk of n blocks ([n, B, ...] inputs).
 
     With a training vocabulary (`DSparkDraft.set_train_vocab`) the draft distribution q lives on
@@ -177,7 +200,7 @@ def _chunk_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h):
     q = logq.exp()
     lab, inside = _in_vocab(core, labels)  # [n, B] positions in q, [n, B] bool
     ce = -logq.gather(-1, lab[..., None]).squeeze(-1) * inside  # [n, B]
-    l1 = _l1_to_target(core, q, tk_ids, tk_probs, tgt_h)
+    l1 = _l1_to_target(core, q, tk_ids, tk_probs, tgt_h, l1_mode)
     accept = _acceptance(l1).detach()  # [n, B]
     conf = core.confidence_logits(h, prev)  # [n, B] | None
     bce = (F.binary_cross_entropy_with_logits(conf, accept, reduction="none")
@@ -238,7 +261,69 @@ def _topk_l1(qk, tk_probs):
     return (qk - tk_probs).abs().sum(-1) + (rest_q - rest_p).abs()
 
 
-def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: int) -> dict:
+def _capped_topk_l1(q, qk, tk_probs):
+    """The tightest lower bound of Σ_V|q−p| that the top-k alone gives (q [n, B, V or Vs], qk
+    [n, B, K] = q at the top-k ids, 0 where q lacks them).
+
+    Outside the top-k, Σ|q−p| = Q_rest + r − 2·Σ_tail min(q_i, p_i), and every tail p_i is at most
+    p_(k), the smallest stored probability, so the tail overlap is at most
+    min(r, Σ_tail min(q_i, p_(k))) (the second term is itself at most Q_rest). `_topk_l1` assumes
+    the overlap min(Q_rest, r), so this is never below it; the overlap bound is reached when p puts
+    its tail where q is, so no bound from the top-k alone is tighter. The exact L1 is at most
+    Σ_K|q−p| + Q_rest + r (no tail overlap).
+    """
+    rest_q = (1.0 - qk.sum(-1)).clamp(min=0.0)  # [n, B]
+    rest_p = (1.0 - tk_probs.sum(-1)).clamp(min=0.0)
+    cap = tk_probs.amin(-1, keepdim=True)  # [n, B, 1] p_(k) >= every tail probability
+    tail_cap = (torch.minimum(q, cap).sum(-1) - torch.minimum(qk, cap).sum(-1)).clamp(min=0.0)  # [n, B]
+    overlap = torch.minimum(rest_p, tail_cap)
+    return (qk - tk_probs).abs().sum(-1) + rest_q + rest_p - 2.0 * overlap
+
+
+def _recomputed_l1(core, q, tk_ids, tk_probs, tgt_h) -> torch.Tensor:
+    """Σ_Vs|q − p| + (1 − Σ_Vs p) [n, B] with the target distribution p on the draft's vocabulary
+    Vs (the training vocabulary, or all of V) recomputed from the final hidden state: the stored
+    probability for a stored id, exp(z_i − lse) for the others (`_fitted_target`). Exact up to
+    the rounding of the stored probabilities (fp16) and of final_hidden (bf16 by default)."""
+    pos, inside = _in_vocab(core, tk_ids)  # [n, B, K] positions in q, and whether q has them
+    with torch.no_grad():  # the target distribution is a constant of the objective
+        p = _fitted_target(core, tk_ids, tk_probs, tgt_h, pos, inside)  # [n, B, V or Vs]
+    return _l1_with_stored_topk(q, p, pos, inside, tk_probs)
+
+
+def _fitted_target(core, tk_ids, tk_probs, tgt_h, pos, inside) -> torch.Tensor:
+    """exp(z − lse) [n, B, V or Vs], z = final_hidden · lm_head[vocabulary]ᵀ, without a pass over
+    the whole vocabulary.
+
+    lse (the log-normaliser over all of V) is fitted so that the recomputed mass of the stored ids
+    equals their stored mass: lse = log Σ e^z_K − log Σ p_K over the stored ids inside the
+    vocabulary and the stored top-1 (its logit comes from its own lm_head row, so every slot has
+    an id to fit on even when no stored id is in the vocabulary). The fit averages the rounding of
+    the stored probabilities over the top-k mass instead of trusting one of them.
+    """
+    vocab = core.train_vocab
+    head = core.lm_head_weight if vocab is None else core.lm_head_weight[vocab]  # [V or Vs, H]
+    h = tgt_h.to(head.dtype)  # [n, B, H]
+    z = (h @ head.T).float()  # [n, B, V or Vs]
+    zk = z.gather(-1, pos)  # [n, B, K]
+    zk[..., 0] = (h * core.lm_head_weight[tk_ids[..., 0].long()]).sum(-1).float()  # the top-1, inside or not
+    use = inside.clone()
+    use[..., 0] = True
+    lse = torch.logsumexp(zk.masked_fill(~use, -math.inf), -1) - torch.log((tk_probs * use).sum(-1))  # [n, B]
+    return z.sub_(lse[..., None]).exp_()
+
+
+def _l1_with_stored_topk(q, p, pos, inside, tk_probs) -> torch.Tensor:
+    """Σ|q − p'| + max(0, 1 − Σp') [n, B], where p' is p [n, B, V or Vs] with the stored
+    probabilities put in at the stored ids q has (`pos`, `inside` [n, B, K]); written as a
+    correction at those K entries, so p is never copied or scattered into."""
+    qk, pk = q.gather(-1, pos), p.gather(-1, pos)  # [n, B, K]
+    fix = ((qk - tk_probs).abs() - (qk - pk).abs()) * inside  # [n, B, K]
+    mass = p.sum(-1) + ((tk_probs - pk) * inside).sum(-1)  # [n, B] Σ p'
+    return (q - p).abs().sum(-1) + fix.sum(-1) + (1.0 - mass).clamp(min=0.0)
+
+
+def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: int, l1_mode: str) -> dict:
     """Sum `_chunk_terms` over chunks of blocks with activation checkpointing.
 
     Each chunk's [n, B, V] logits/softmax are freed after its forward and recomputed in the
@@ -249,7 +334,7 @@ def _chunked_terms(core, h, prev, labels, w, e, tk_ids, tk_probs, tgt_h, chunk: 
     acc = {"ce": zero, "l1": zero, "bce": zero, "correct": h.new_zeros(b, dtype=torch.float32),
            "accept": h.new_zeros(b, dtype=torch.float32), "tau": zero, "floor": zero, "target": zero,
            "greedy": zero, "outside": zero, "blocks": n}
-    fn = functools.partial(_chunk_terms, core)
+    fn = functools.partial(_chunk_terms, core, l1_mode)
     # With a single chunk, recomputing it in the backward would not lower the peak (its logits
     # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
     recompute = torch.is_grad_enabled() and h.requires_grad and n > chunk

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from dspark_offline.model import sample_anchors
+from dspark_offline.model.loss import needs_final_hidden
 from dspark_offline.store.manifest import StoreMismatchError, check_compatible
 from dspark_offline.target.layers import resolve_layer_ids
 
@@ -63,10 +64,17 @@ def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | Non
     """Refuse, before step 1, a store that cannot train this drafter (messages name both values).
 
     Checks the store against the params (target, layer ids) and the drafter config (hidden
-    size, vocab, top-k, final_hidden for ``l1_mode: exact``) through the store's own
+    size, vocab, top-k, final_hidden for the ``l1_mode`` values that read it) through the store's own
     ``check_compatible``; on resume also against the store the checkpoint was trained on.
     """
     m = store.manifest
+    mode = params.train.l1_mode
+    if needs_final_hidden(mode) and not m.has_final_hidden:
+        raise StoreMismatchError(
+            f"feature store ({store.path}) has_final_hidden=False but train.l1_mode={mode!r} needs "
+            "has_final_hidden=True: dump with dump.store_final_hidden=true, or train with "
+            "train.l1_mode=capped (the tightest bound from the top-k alone) or topk"
+        )
     want_layers = resolve_layer_ids(params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids)
     check_compatible(
         m,
@@ -75,7 +83,7 @@ def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | Non
         hidden_size=draft_cfg.hidden_size,
         vocab_size=draft_cfg.vocab_size,
         need_topk=True,
-        need_final_hidden=params.train.l1_mode == "exact",
+        need_final_hidden=needs_final_hidden(mode),
         store=store.path,
     )
     if list(m.layer_ids) != list(draft_cfg.target_layer_ids):
@@ -83,7 +91,7 @@ def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | Non
             f"feature store ({store.path}) layer_ids={list(m.layer_ids)} but the drafter config needs "
             f"layer_ids={list(draft_cfg.target_layer_ids)}"
         )
-    _probe_first_sample(store, need_final_hidden=params.train.l1_mode == "exact")
+    _probe_first_sample(store, need_final_hidden=needs_final_hidden(mode))
     if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
         raise StoreMismatchError(
             f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
@@ -141,17 +149,36 @@ def loader_workers(device: torch.device) -> int:
 
 
 class FeatureDataset(Dataset):
-    """Random access to the kept samples of a store; item ``k`` is store sample ``indices[k]``."""
+    """Random access to the kept samples of a store; item ``k`` is store sample ``indices[k]``.
 
-    def __init__(self, store: Any, indices: np.ndarray, max_length: int | None) -> None:
+    With ``cache_bytes`` > 0 the decoded items are kept in memory until they fill it (first come,
+    first kept), so later epochs skip the store for them. Items are returned as stored: callers
+    must not modify their tensors in place (`collate` copies them into new batch tensors).
+    """
+
+    def __init__(self, store: Any, indices: np.ndarray, max_length: int | None, cache_bytes: int = 0) -> None:
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
         self.max_length = max_length
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
+        hit = self._cache.get(k)
+        if hit is not None:
+            return hit
+        out = self._read(k)
+        size = sum(t.numel() * t.element_size() for t in out.values() if isinstance(t, torch.Tensor))
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[k] = out
+            self._cached_bytes += size
+        return out
+
+    def _read(self, k: int) -> dict[str, Any]:
         i = int(self.indices[k])
         try:
             s = self.store.sample(i)
