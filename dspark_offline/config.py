@@ -175,6 +175,11 @@ class TrainConfig(_Section):
         "auto", description="Training dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )
     max_length: int | None = Field(None, ge=2, description="Truncate samples to this many tokens.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Train on at most this many samples: the first ones, in store order, "
+        "of those left after the validation hold-out (which does not change). For data-size "
+        "experiments (benchmarks/tau_budget.py); None = all."
+    )
     cache_gb: float = Field(
         4.0, ge=0, description="Keep the decoded training samples in memory, up to this many GiB per "
         "process (and per DataLoader worker), so epochs after the first skip the store's reads and "

@@ -255,3 +255,12 @@ def test_training_vocabulary_bigram_start_and_bf16(store, tmp_path):
     export_run(params)
     back = load_serving(tmp_path / "drafter", torch.zeros(97, 32), torch.zeros(97, 32))
     assert back.markov_head.markov_w2.weight.shape == (97, 8)
+
+
+def test_max_samples_trains_on_a_prefix_and_keeps_the_validation_split(store, tmp_path):
+    """train.max_samples (data-size experiments) cuts the training samples, not the held-out ones."""
+    full = train_run(make_params(store, tmp_path / "full", max_steps=1, val_samples=2, val_every=5))
+    cut = train_run(make_params(store, tmp_path / "cut", max_steps=1, val_samples=2, val_every=5, max_samples=4))
+    assert full["plan"]["steps_per_epoch"] == 5 and cut["plan"]["steps_per_epoch"] == 2  # 10 vs 4 samples
+    first_val = lambda out: read_tsv(out / "metrics" / "val.tsv")[0]
+    assert first_val(tmp_path / "full")["ce"] == first_val(tmp_path / "cut")["ce"]  # same samples, same init

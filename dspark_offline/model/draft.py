@@ -214,16 +214,14 @@ class DSparkDraft(nn.Module):
         h = self.backbone(self.embed(ids).to(ctx.dtype), positions, ctx, pos, mask)[0]  # [B, H]
         # The lm_head part of every slot in ONE [B, H] x [H, V] matmul: the head weight is read
         # once per block instead of once per slot (on CPU that read dominates). Only the Markov
-        # bias depends on the previous slot's token, so it alone is added inside the loop.
+        # bias depends on the previous slot's token.
         head = self.head_logits(h)  # [B, V]
-        guess, guess_bias = self._guess_markov(head, last, temperature)
+        if temperature == 0 and self.markov_head is not None:
+            return self._greedy_block(h, head, last)
         tokens, probs, conf = [], [], []
         prev = last
         for j in range(b):
-            if guess is not None and int(prev) == guess[j]:
-                logits = head[j] + guess_bias[j]  # [V]
-            else:
-                logits = self._add_markov(head[j : j + 1], prev)[0]  # [V]
+            logits = self._add_markov(head[j : j + 1], prev)[0]  # [V]
             c = self.confidence_logits(h[j : j + 1], prev)
             if temperature > 0:
                 p = torch.softmax(logits / temperature, dim=-1)
@@ -242,22 +240,31 @@ class DSparkDraft(nn.Module):
             probs=torch.stack(probs),
         )
 
-    def _guess_markov(
-        self, head: torch.Tensor, last: torch.Tensor, temperature: float
-    ) -> tuple[list[int] | None, torch.Tensor | None]:
-        """Greedy drafting only: the Markov biases of the likely previous tokens, in one matmul.
+    def _greedy_block(self, h: torch.Tensor, head: torch.Tensor, last: torch.Tensor) -> DraftBlock:
+        """Greedy slots with the Markov head, as a fixed-point iteration over whole blocks.
 
-        Slot j's previous token is slot j-1's argmax, usually the argmax of slot j-1's head logits
-        alone (the bias seldom moves it). One [B, r] x [r, V] matmul gives the bias of each such
-        guess, reading W2 once instead of once per slot; a slot whose actual previous token
-        differs from the guess gets its own bias, so the drafted tokens never depend on the
-        guesses. head [B, V], last [1] -> (guessed previous ids [B], their biases [B, V]) or
-        (None, None) without a Markov head or at T > 0 (sampled tokens are poor guesses).
+        Slot j's token is argmax(head_j + bias(prev_j)) with prev_j = slot j−1's token, a chain
+        that a per-slot loop walks with one [1, r] x [r, V] bias each (reading W2 once per slot).
+        Here every iteration computes the biases of all B guessed previous tokens in one
+        [B, r] x [r, V] matmul and re-derives the guesses from the resulting tokens. Slot 0's
+        previous token is known, so after iteration i slots 0..i are exact: at most B iterations,
+        and the iteration stops as soon as the guesses reproduce themselves, which only the
+        sequential answer does. The first guess (slot j−1's argmax without its bias) usually
+        holds for most slots, so blocks typically take 2–3 iterations.
+        h [B, H], head [B, V] float32, last [1] -> the block's tokens, one-hot probs, confidence.
         """
-        if self.markov_head is None or temperature > 0:
-            return None, None
-        guess = torch.cat([last, head[:-1].argmax(dim=-1)])  # [B]
-        return guess.tolist(), self.markov_head.bias(guess).float()
+        prev = torch.cat([last, head[:-1].argmax(dim=-1)])  # [B] guessed previous tokens
+        for _ in range(len(prev)):
+            tokens = (head + self.markov_head.bias(prev).float()).argmax(dim=-1)  # [B]
+            implied = torch.cat([last, tokens[:-1]])
+            if torch.equal(implied, prev):
+                break
+            prev = implied
+        return DraftBlock(
+            tokens=tokens,
+            confidence_logits=self.confidence_logits(h, prev),
+            probs=torch.zeros_like(head).scatter_(1, tokens[:, None], 1.0),
+        )
 
 
 def _sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:  # [V] -> [1]

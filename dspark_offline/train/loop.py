@@ -74,6 +74,7 @@ def run(params: Params) -> dict:
     check_store(store, params, cfg, resume_meta)
     usable = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
     indices, val_indices = split_validation(usable, tc.val_samples, tc.seed)
+    indices = indices[: tc.max_samples]  # None keeps all
     lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
     plan = plan_batches(tc, len(indices), int(lengths.sum()), info.world_size)
     held = f", {len(val_indices)} held out for validation" if len(val_indices) else ""
