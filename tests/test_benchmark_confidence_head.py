@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_script import load_benchmark
 from synthetic_store import make_store
 from test_train_loop import make_params
 
 from dspark_offline.train.export import run as export_run
 from dspark_offline.train.loop import run as train_run
 from dspark_offline.train.metrics import read_tsv
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "confidence_head.py"
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +20,7 @@ def _scoped_local_rank(monkeypatch):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("confidence_head_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("confidence_head")
 
 
 def test_confidence_head_benchmark_scores_the_exported_head_like_validation(tmp_path, capsys):

@@ -4,20 +4,13 @@ Markov head moves the argmax."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_block.py"
+from benchmark_script import load_benchmark
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("draft_block_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("draft_block")
 
 
 @pytest.mark.parametrize("markov_head", [True, False])

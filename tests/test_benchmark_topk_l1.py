@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_script import load_benchmark
 from synthetic_store import make_store
 from test_train_loop import make_params
 
 from dspark_offline.model import DraftModelConfig, DSparkDraft, save_serving
 from dspark_offline.store import open_store
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "topk_l1.py"
-
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("topk_l1_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("topk_l1")
 
 
 def _rows(out: str, title: str) -> dict[tuple[str, int], list[float]]:
