@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from dspark_offline.linalg import vocab_logits
+
 from .attention_mask import BlockLayout, block_layout
 from .config import DraftModelConfig
 from .heads import HEAD_INIT_STD, ConfidenceHead, MarkovHead
@@ -141,7 +143,7 @@ class DSparkDraft(nn.Module):
         ([..., len(vocab)] over the vocabulary entries ``vocab`` only when given)."""
         self._require_head()
         head = self.lm_head_weight if vocab is None else self.lm_head_weight[vocab]  # [V or Vs, H]
-        return (hidden.to(head.dtype) @ head.T).float()
+        return vocab_logits(hidden.to(head.dtype), head).float()
 
     def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
                      ) -> torch.Tensor:

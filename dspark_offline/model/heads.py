@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dspark_offline.linalg import vocab_logits
+
 HEAD_INIT_STD = 0.02
 
 
@@ -32,9 +34,8 @@ class MarkovHead(nn.Module):
 
     def bias(self, prev_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[...] -> [..., V], or [..., len(rows)] for the vocabulary entries ``rows`` only."""
-        if rows is None:
-            return self.markov_w2(self.prev_embedding(prev_ids))
-        return self.prev_embedding(prev_ids) @ self.markov_w2.weight[rows].T
+        weight = self.markov_w2.weight if rows is None else self.markov_w2.weight[rows]  # [V or Vs, r]
+        return vocab_logits(self.prev_embedding(prev_ids), weight)
 
 
 class ConfidenceHead(nn.Module):

@@ -38,6 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dspark_offline.linalg import vocab_logits
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -142,7 +144,7 @@ def _l1_to_target(core, q, tk_ids, tk_probs, tgt_h, mode: str) -> torch.Tensor:
     if mode == "recompute":
         return _recomputed_l1(core, q, tk_ids, tk_probs, tgt_h)
     with torch.no_grad():  # the target distribution is a constant of the objective
-        p = torch.softmax((tgt_h.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
+        p = torch.softmax(vocab_logits(tgt_h.to(core.lm_head_weight.dtype), core.lm_head_weight).float(), dim=-1)
     if core.train_vocab is None:
         return (q - p).abs().sum(-1)
     p_in = p[..., core.train_vocab]  # [n, B, Vs]
@@ -304,7 +306,7 @@ def _fitted_target(core, tk_ids, tk_probs, tgt_h, pos, inside) -> torch.Tensor:
     vocab = core.train_vocab
     head = core.lm_head_weight if vocab is None else core.lm_head_weight[vocab]  # [V or Vs, H]
     h = tgt_h.to(head.dtype)  # [n, B, H]
-    z = (h @ head.T).float()  # [n, B, V or Vs]
+    z = vocab_logits(h, head).float()  # [n, B, V or Vs]
     zk = z.gather(-1, pos)  # [n, B, K]
     zk[..., 0] = (h * core.lm_head_weight[tk_ids[..., 0].long()]).sum(-1).float()  # the top-1, inside or not
     use = inside.clone()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from dspark_offline.linalg import vocab_logits
+
 # Budget for one chunk of fp32 logits; 256 MiB keeps peak memory flat yet amortises the matmul.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -62,7 +64,7 @@ def topk_from_final(
     step = chunk_tokens or chunk_tokens_for(vocab)
     for start in range(0, n, step):
         h = flat[start : start + step].to(logits_dtype)  # [c, H]
-        logits = torch.nn.functional.linear(h, weight).float()  # [c, V] fp32
+        logits = vocab_logits(h, weight).float()  # [c, V] fp32
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
         top, top_ids = torch.topk(logits, k, dim=-1, sorted=True)  # [c, K]
         probs[start : start + step] = torch.exp(top - lse)
