@@ -6,7 +6,7 @@ CUDA's fused kernels cannot take a mask together with ``enable_gqa``. Batched ge
 block verification always pass a mask, so on CPU every decoding step copied the whole KV cache
 of every layer (SmolLM2: 3 KV heads -> 9). PyTorch's CPU SDPA handles ``enable_gqa`` with a mask
 and gives the same values: this implementation uses it there and is HF's SDPA everywhere else
-(benchmarks/target_attention.py measures both).
+(benchmarks/target_decode.py measures both).
 
 Registered with transformers under `ATTENTION` (attention and mask interfaces); `load_model`
 loads every target with it.
