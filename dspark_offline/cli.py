@@ -209,11 +209,19 @@ def inspect(store: Annotated[str, typer.Argument(help="Feature store path or URL
 
 
 @app.command()
-def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
-    """Read every shard back; report missing/corrupt shards and incomplete parts (non-zero exit)."""
+def verify(
+    store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Manifest, shapes and the presence of every shard/chunk object and shard "
+                     "index only, no data decoded (what `train` checks before step 0)."),
+    ] = False,
+) -> None:
+    """Read every shard and chunk back (target head and sample index included); report missing or
+    corrupt objects, shape/manifest inconsistencies and incomplete parts (non-zero exit)."""
     from dspark_offline.store.inspect import verify as verify_store
 
-    problems = verify_store(store)
+    problems = verify_store(store, quick=quick)
     for problem in problems:
         typer.echo(f"PROBLEM: {problem}", err=True)
     if problems:

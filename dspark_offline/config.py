@@ -36,6 +36,12 @@ class TargetConfig(_Section):
         description="Where the embedded target is converted to an HF directory once; "
         "default $DSPARK_OFFLINE_CACHE or ~/.cache/dspark-offline.",
     )
+    allow_changed_weights: bool = Field(
+        False,
+        description="Accept a target whose weights hash differs from the one the feature store (or the "
+        "drafter) was made from. train, export and evaluate refuse such a stale target by default; set "
+        "true only for equivalent weights (e.g. the same checkpoint re-converted).",
+    )
 
 
 class PrepareConfig(_Section):

@@ -1,7 +1,8 @@
 """`dspark-offline evaluate`: real speculative decoding with the HF target and an exported drafter,
 beside the no-training prompt-lookup baseline (and optionally a second drafter).
 
-Story: load target and decoders (the drafter, prompt lookup, ``evaluate.compare``) -> held-out
+Story: load target and decoders (the drafter, prompt lookup, ``evaluate.compare``) -> check each
+drafter still belongs to the target (weights hash, layer spot check: `provenance`) -> held-out
 prompts -> per prompt, the plain target decode once (speed baseline and, at T = 0, the
 losslessness reference), then every decoder through the same verification loop -> at T = 0
 check each decoder token for token (raises on a mismatch) -> τ with paired bootstrap intervals
@@ -26,6 +27,7 @@ from dspark_offline.evaluate.lossless import check_lossless
 from dspark_offline.evaluate.prompt_lookup import PromptLookupDrafter
 from dspark_offline.evaluate.prompts import load_prompts
 from dspark_offline.evaluate.proposal import Drafter
+from dspark_offline.evaluate.provenance import check_drafter
 from dspark_offline.evaluate.report import (
     COMPARE,
     DRAFTER,
@@ -80,6 +82,9 @@ def run(params: Params) -> dict:
     cfg = params.evaluate
     target = load_target(params.target)
     decoders = _decoders(params, target.model)
+    for drafter_dir in [cfg.drafter or params.export.output, *([cfg.compare] if cfg.compare else [])]:
+        for line in check_drafter(drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights):
+            print(f"[evaluate] {line}")
     prompts, skipped = load_prompts(params.prepare.output, cfg.num_prompts)
     param = next(target.model.parameters())
     drafter = decoders[0].drafter

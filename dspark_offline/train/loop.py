@@ -39,6 +39,7 @@ from dspark_offline.train.dataset import (
     SamplerPosition,
     batch_anchors,
     check_store,
+    check_target_weights,
     collate,
     loader_workers,
     select_samples,
@@ -72,6 +73,7 @@ def run(params: Params) -> dict:
     resume_from = checkpoint.latest_checkpoint(out_dir) if tc.resume else None
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     check_store(store, params, cfg, resume_meta)
+    _say(check_target_weights(store, params), info.is_main)
     usable = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
     indices, val_indices = split_validation(usable, tc.val_samples, tc.seed)
     indices = indices[: tc.max_samples]  # None keeps all
@@ -177,6 +179,7 @@ def run(params: Params) -> dict:
             meta = {"step": step, "epoch": pos.epoch, "sampler": pos.as_dict(), "plan": plan.as_dict(),
                     "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
                     "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
+                    "target_weights_hash": store.manifest.target.weights_hash,
                     "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values,
                     "val_metrics": val_values}
             saved = checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
