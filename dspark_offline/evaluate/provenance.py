@@ -8,7 +8,8 @@
   ``hidden[:, j]`` must match the layer ``layer_ids[j]`` its manifest names: closer to it than
   to any other layer by a clear margin, and within `SPOT_REL_TOL`. An edited manifest (layer
   ids relabelled, fingerprint recomputed) or features from another model fail it, naming the
-  layer. Cost: one target forward over <= 32 tokens and one sample read (~0.1 s for the default).
+  layer. Cost: one target forward over <= 32 tokens and one sample read (2 s for the default target
+  on the loaded 2-core development machine, where the same plain forward took 3-4 s).
 
 A drafter without provenance (not made by `export`) or whose store is gone is decoded with a
 note saying what was not checked.

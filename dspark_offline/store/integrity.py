@@ -9,7 +9,7 @@ A missing chunk or shard is an error, never a fill value. Two guards, both on by
   the manifest (`hidden` is [T, L, H] with L = len(layer_ids)), the presence of every object
   each array must have and each shard's index (`objects.damaged_objects`), and the sample index
   against the part attrs. No chunk data is decoded: one listing per array, 16 bytes per inner
-  chunk per shard and the sample index, 0.07 s on the default store of 49k tokens
+  chunk per shard and the sample index, 0.02-0.07 s on the default store of 49k tokens
   (benchmarks/integrity_check.py).
 
 Which objects must exist is derived from each array's own metadata (shape and chunk / shard
