@@ -22,6 +22,7 @@ import torch
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import save_serving
+from dspark_offline.outputs import OutputPathError, check_output_dir
 from dspark_offline.train import checkpoint as ckpt_io
 from dspark_offline.train.dist import select_accelerator
 
@@ -45,8 +46,24 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
+def check_export_dir(params: Params) -> None:
+    """Refuse an unwritable output, and a non-empty one unless ``export.overwrite``: its
+    config.json may be a user's, and replacing it silently loses it."""
+    out = Path(params.export.output)
+    check_output_dir(out, "export.output")
+    if out.is_dir() and not params.export.overwrite:
+        present = sorted(p.name for p in out.iterdir())
+        if present:
+            shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise OutputPathError(
+                f"export.output={str(out)!r} is not empty ({shown}); pass --overwrite (export.overwrite=true) "
+                "to replace the drafter files there, or choose another directory"
+            )
+
+
 def run(params: Params) -> dict:
     """Export ``params.export.checkpoint`` (or the latest of ``params.train.output_dir``)."""
+    check_export_dir(params)
     if params.export.checkpoint is not None:
         checkpoint = Path(params.export.checkpoint)
     else:
