@@ -22,6 +22,7 @@ import torch
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import PROVENANCE_FILE, save_serving
+from dspark_offline.outputs import OutputPathError, check_output_dir
 from dspark_offline.train import checkpoint as ckpt_io
 from dspark_offline.train.dist import select_accelerator
 
@@ -43,40 +44,13 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
-def recorded_weights_hash(meta: dict) -> str | None:
-    """The target weights hash the drafter's features came from: recorded in the checkpoint meta
-    (or export provenance), else read from the store it names while that is still the same store."""
-    from dspark_offline.store import StoreError
-    from dspark_offline.store.reader import read_manifest
-
-    if meta.get("target_weights_hash") or not meta.get("store"):
-        return meta.get("target_weights_hash")
-    try:
-        manifest = read_manifest(meta["store"])
-    except StoreError:
-        return None
-    same = meta.get("store_fingerprint") in (None, manifest.params_fingerprint)
-    return manifest.target.weights_hash if same else None
-
-
-def _check_target(params: Params, meta: dict, checkpoint: Path) -> str | None:
-    """Refuse to export for a target whose weights changed since the dump (`StaleTargetError`)."""
-    from dspark_offline.target.embedded import existing_target_path
-    from dspark_offline.target.fingerprint import check_weights
-
-    recorded = recorded_weights_hash(meta)
-    target_dir = existing_target_path(params.target.path, params.target.cache_dir)
-    if recorded is None or target_dir is None:
-        log.warning("export: target weights not checked (%s)", "no weights hash recorded for "
-                    f"{checkpoint}" if recorded is None else f"{params.target.path} is not available here")
-        return recorded
-    check_weights(target_dir, recorded, f"the feature store {meta.get('store')} this checkpoint was trained on",
-                  allow=params.target.allow_changed_weights)
-    return recorded
+from dspark_offline.model.serving import PROVENANCE_FILE, save_serving
+from dspark_offline.outputs import OutputPathError, check_output_dir
 
 
 def run(params: Params) -> dict:
     """Export ``params.export.checkpoint`` (or the latest of ``params.train.output_dir``)."""
+    check_export_dir(params)
     if params.export.checkpoint is not None:
         checkpoint = Path(params.export.checkpoint)
     else:
