@@ -23,7 +23,14 @@ from dspark_offline import __version__
 from dspark_offline.config import Params
 from dspark_offline.store.background import BackgroundWriter
 from dspark_offline.store.dtypes import storage_dtype, to_storage
-from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo, fingerprint_fields
+from dspark_offline.store.manifest import (
+    ArrayDtypes,
+    BackendInfo,
+    DataInfo,
+    Manifest,
+    TargetInfo,
+    fingerprint_fields,
+)
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
 from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, plan_part
 from dspark_offline.store.writer import PartState, open_part, open_store_for_write
@@ -64,7 +71,13 @@ def _check_tokens(split, info: dict, prepared: str) -> None:
 
 
 def build_manifest(
-    params: Params, info: dict, layer_ids: list[int], split, shard_tokens: int, chunk_tokens: int
+    params: Params,
+    info: dict,
+    layer_ids: list[int],
+    split,
+    shard_tokens: int,
+    chunk_tokens: int,
+    backend: dict | None = None,
 ) -> Manifest:
     """The manifest of this dump, fingerprint included."""
     cfg = params.dump
@@ -97,6 +110,7 @@ def build_manifest(
             num_tokens=int(split.lengths.sum()),
         ),
         "created_by": f"dspark-offline {__version__}",
+        "backend": BackendInfo(**backend) if backend is not None else None,
     }
     unsigned = Manifest(**body, params_fingerprint="")
     return unsigned.model_copy(update={"params_fingerprint": fingerprint_of(fingerprint_fields(unsigned))})
@@ -155,19 +169,39 @@ def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_toke
     return bufs
 
 
+def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest: int):
+    """The backend named by `dump.backend` (vLLM is imported only inside its module: optional extra)."""
+    cfg = params.dump
+    common = dict(
+        layer_ids=layer_ids,
+        top_k=cfg.top_k,
+        store_final_hidden=cfg.store_final_hidden,
+        dtype=params.target.dtype,
+        device=params.target.device,
+    )
+    if cfg.backend == "vllm":
+        from dspark_offline.target.vllm_backend import VLLMTarget
+
+        engine = cfg.vllm.engine_kwargs()
+        engine.setdefault("max_model_len", longest + 1)  # one prefill + the one token vLLM decodes
+        _say(f"vLLM engine arguments (dump.vllm): {engine}")
+        return VLLMTarget(target_dir, **common, engine_kwargs=engine)
+    from dspark_offline.target.hf_backend import HFTarget
+
+    return HFTarget(target_dir, **common)
+
+
 def run(params: Params) -> str:
     """Dump features of the training split (`params.train_data_dir()`: generate.output when
-    generation is on, else prepare.output) into `params.dump.store`; return the store path."""
+    generation is on, else prepare.output) into `params.dump.store`; return the store path.
+
+    The target backend is closed whatever happens (success, error, Ctrl-C): the vLLM backend's
+    engine is shut down and its temporary files are removed."""
     from dspark_offline.data.errors import PreparedDataError
     from dspark_offline.data.prepared import PreparedSplit
     from dspark_offline.target.embedded import resolve_target_path
 
     cfg = params.dump
-    if cfg.backend == "vllm":  # same API; vllm is imported only inside (optional extra, CUDA only)
-        from dspark_offline.target.vllm_backend import VLLMTarget as Target
-    else:
-        from dspark_offline.target.hf_backend import HFTarget as Target
-
     prepared = params.train_data_dir()
     if params.generate.enabled and not (Path(prepared) / "meta.json").is_file():
         raise PreparedDataError(
@@ -177,20 +211,24 @@ def run(params: Params) -> str:
     split = PreparedSplit.load(prepared, SPLIT)
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
-    target = Target(
-        target_dir,
-        layer_ids=layer_ids,
-        top_k=cfg.top_k,
-        store_final_hidden=cfg.store_final_hidden,
-        dtype=params.target.dtype,
-        device=params.target.device,
-    )
+    longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
+    target = _open_target(params, target_dir, layer_ids, longest)
+    try:
+        return _dump(params, target, split, layer_ids, longest)
+    finally:
+        target.close()
+
+
+def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> str:
+    cfg = params.dump
+    prepared = params.train_data_dir()
     info = target.info
     _check_tokens(split, info, prepared)
 
-    longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
     shard_tokens, chunk_tokens = effective_sizes(cfg.shard_tokens, cfg.chunk_tokens, longest)
-    manifest = build_manifest(params, info, layer_ids, split, shard_tokens, chunk_tokens)
+    manifest = build_manifest(
+        params, info, layer_ids, split, shard_tokens, chunk_tokens, backend=target.backend_info
+    )
     parts = range(cfg.num_parts) if cfg.part_index is None else [cfg.part_index]
     plans = [plan_part(split.lengths, cfg.num_parts, p, shard_tokens) for p in parts]
     L, H, K = len(layer_ids), info["hidden_size"], cfg.top_k
