@@ -212,7 +212,9 @@ def run(params: Params) -> str:
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
     longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
+    t0 = time.perf_counter()
     target = _open_target(params, target_dir, layer_ids, longest)
+    _say(f"{cfg.backend} backend ready in {time.perf_counter() - t0:.1f}s (model load / engine start-up)")
     try:
         return _dump(params, target, split, layer_ids, longest)
     finally:
