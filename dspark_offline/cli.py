@@ -8,7 +8,6 @@ instant. Every stage is therefore also a plain library call: `dspark_offline.<st
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,7 +15,9 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from dspark_offline.config import Params, load_params
+from dspark_offline.config import Params, describe_validation_error, load_params
+from dspark_offline.errors import UserError
+from dspark_offline.params_file import parse_yaml_value
 
 app = typer.Typer(
     help="Train DSpark speculative-decoding drafters offline: "
@@ -41,7 +42,7 @@ SetOpt = Annotated[
 ]
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error reported as one line and exit code 2."""
 
 
@@ -51,7 +52,7 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
         key, eq, raw = item.partition("=")
         if not eq or "." not in key:
             raise CliError(f"--set {item!r}: expected section.field=value, e.g. train.learning_rate=3e-4")
-        out[key.strip()] = yaml.safe_load(raw)
+        out[key.strip()] = parse_yaml_value(raw, f"--set {key.strip()}")
     return out
 
 
@@ -65,7 +66,7 @@ def build_params(params_files: list[Path] | None, sets: list[str] | None, **opti
         return load_params(params_files, overrides)
     except ValidationError as e:
         names = ", ".join(map(str, params_files or [])) or "defaults"
-        raise CliError(f"invalid parameters ({names}):\n{e}") from e
+        raise CliError(f"invalid parameters ({names}): {describe_validation_error(e)}") from e
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
 
@@ -150,12 +151,35 @@ def train(
     output_dir: Annotated[Optional[str], typer.Option(help="Run directory.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+    overwrite: Annotated[
+        Optional[bool],
+        typer.Option("--overwrite", help="Start afresh in an output dir that holds checkpoints, deleting them "
+                     "(refused without it)."),
+    ] = None,
+    allow_param_change: Annotated[
+        Optional[bool],
+        typer.Option("--allow-param-change", help="With --resume: accept training params (learning rate, "
+                     "schedule, batch, ...) that differ from the checkpoint's (refused without it)."),
+    ] = None,
+    allow_partial_store: Annotated[
+        Optional[bool],
+        typer.Option("--allow-partial-store", help="Train on the complete parts of a store whose other parts "
+                     "are missing or unfinished (refused without it)."),
+    ] = None,
 ) -> None:
     """Train the drafter from the store with DeepSpeed ZeRO-2 (also under torchrun / deepspeed)."""
     p = build_params(
         params,
         set_,
-        **{"dump.store": store, "train.output_dir": output_dir, "train.max_steps": max_steps, "train.resume": resume},
+        **{
+            "dump.store": store,
+            "train.output_dir": output_dir,
+            "train.max_steps": max_steps,
+            "train.resume": resume,
+            "train.overwrite": overwrite,
+            "train.allow_param_change": allow_param_change,
+            "train.allow_partial_store": allow_partial_store,
+        },
     )
     _run_stage("dspark_offline.train.loop", p)
 
@@ -166,9 +190,15 @@ def export(
     set_: SetOpt = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint dir (default: latest).")] = None,
     output: Annotated[Optional[str], typer.Option(help="Serving directory to write.")] = None,
+    overwrite: Annotated[
+        Optional[bool],
+        typer.Option("--overwrite", help="Replace the files of a non-empty output directory (refused without it)."),
+    ] = None,
 ) -> None:
     """Write the serving directory (config.json + model.safetensors) SGLang's DSpark loader reads."""
-    p = build_params(params, set_, **{"export.checkpoint": checkpoint, "export.output": output})
+    p = build_params(
+        params, set_, **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite}
+    )
     _run_stage("dspark_offline.train.export", p)
 
 
@@ -209,11 +239,19 @@ def inspect(store: Annotated[str, typer.Argument(help="Feature store path or URL
 
 
 @app.command()
-def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
-    """Read every shard back; report missing/corrupt shards and incomplete parts (non-zero exit)."""
+def verify(
+    store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Manifest, shapes and the presence of every shard/chunk object and shard "
+                     "index only, no data decoded (what `train` checks before step 0)."),
+    ] = False,
+) -> None:
+    """Read every shard and chunk back (target head and sample index included); report missing or
+    corrupt objects, shape/manifest inconsistencies and incomplete parts (non-zero exit)."""
     from dspark_offline.store.inspect import verify as verify_store
 
-    problems = verify_store(store)
+    problems = verify_store(store, quick=quick)
     for problem in problems:
         typer.echo(f"PROBLEM: {problem}", err=True)
     if problems:
@@ -229,19 +267,12 @@ def show_params(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors (ours, a missing file or optional package) become one line
-    and exit code 2; set DSPARK_OFFLINE_DEBUG=1 for the traceback."""
-    try:
-        app()
-    except CliError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(2) from None
-    except Exception as e:
-        ours = type(e).__module__.startswith("dspark_offline")
-        if (ours or isinstance(e, (FileNotFoundError, ImportError))) and not os.environ.get("DSPARK_OFFLINE_DEBUG"):
-            typer.echo(f"error: {type(e).__name__}: {e}", err=True)
-            raise SystemExit(2) from None
-        raise
+    """Console entry point: user and environment errors (ours, invalid parameters, a missing file
+    or optional package, a full disk or read-only directory) become one line and exit code 2; a
+    bug keeps its traceback. Set DSPARK_OFFLINE_DEBUG=1 for the traceback of every error."""
+    from dspark_offline.entry import report_errors
+
+    report_errors(app)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ cheaply. Every field carries a description; it becomes the hover text of
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dspark_offline.params_file import ParamsError, read_params_file  # noqa: F401 - ParamsError re-exported
 
 EMBEDDED_TARGET = "embedded:smollm2"
 EMBEDDED_DATA = "embedded:sharegpt"
@@ -35,6 +37,12 @@ class TargetConfig(_Section):
         None,
         description="Where the embedded target is converted to an HF directory once; "
         "default $DSPARK_OFFLINE_CACHE or ~/.cache/dspark-offline.",
+    )
+    allow_changed_weights: bool = Field(
+        False,
+        description="Accept a target whose weights hash differs from the one the feature store (or the "
+        "drafter) was made from. train, export and evaluate refuse such a stale target by default; set "
+        "true only for equivalent weights (e.g. the same checkpoint re-converted).",
     )
 
 
@@ -274,11 +282,28 @@ class TrainConfig(_Section):
     val_every: int = Field(100, ge=1, description="Score the held-out samples every N optimizer steps.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    overwrite: bool = Field(
+        False, description="Start a fresh run in an output_dir that holds checkpoints, deleting them; "
+        "without it (and without resume) such a run is refused. The DVC stage sets it (DVC owns the outputs)."
+    )
+    allow_param_change: bool = Field(
+        False, description="On resume, accept training params that differ from the checkpoint's "
+        "(learning rate, schedule, batch, loss, data selection); without it such a resume is refused. "
+        "The drafter architecture can never change on resume."
+    )
+    allow_partial_store: bool = Field(
+        False, description="Train on the complete parts of a store whose other parts are missing or "
+        "unfinished; without it such a store is refused (finish the dump first)."
+    )
 
 
 class ExportConfig(_Section):
     output: str = Field("runs/default/drafter", description="Serving directory (config.json + model.safetensors).")
     checkpoint: str | None = Field(None, description="Checkpoint directory; None = latest in train.output_dir.")
+    overwrite: bool = Field(
+        False, description="Replace the files of a non-empty output directory; without it export refuses "
+        "one (it would replace the config.json there). The DVC stage sets it (DVC owns the output)."
+    )
 
 
 class EvaluateConfig(_Section):
@@ -355,31 +380,60 @@ def _merge(into: dict, new: dict) -> None:
             into[key] = value
 
 
+def _section_fields(loc: tuple) -> list[str]:
+    """Known field names at the location of an error (for 'did you mean')."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line per error joined by '; ': the dotted parameter, what is wrong, and for an unknown
+    key the closest known one."""
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            name = str(err["loc"][-1])
+            close = difflib.get_close_matches(name, _section_fields(err["loc"]), n=1)
+            hint = f" (did you mean {'.'.join([*map(str, err['loc'][:-1]), close[0]])}?)" if close else ""
+            out.append(f"{loc}: unknown parameter{hint}")
+        elif not loc:  # a check across fields: its message names them
+            out.append(err["msg"].removeprefix("Value error, "))
+        else:
+            got = repr(err.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            out.append(f"{loc}: {err['msg']} (got {got})")
+    return "; ".join(out)
+
+
 def load_params(
     paths: str | Path | list[str | Path] | None = None, overrides: dict | None = None
 ) -> Params:
     """Load params files (later files override earlier ones, field by field within a section;
     no file = all defaults), then apply dotted `section.field` (or `section.sub.field`) overrides,
-    and validate once."""
+    and validate once.
+
+    A file that is not a YAML mapping, or repeats a key, raises `ParamsError` naming it; invalid
+    values raise pydantic's `ValidationError` (`describe_validation_error` puts it on one line).
+    """
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     data: dict = {}
     for path in paths:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"params file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: top level must be a mapping of sections")
-        _merge(data, loaded)
+        _merge(data, read_params_file(path))
     for key, value in (overrides or {}).items():
         *parents, field = key.split(".")
         node = data
         for name in parents:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {key}={value!r}: {name!r} is not a section")
+                raise ParamsError(f"{key}: section {name!r} of the params file is not a mapping")
         node[field] = value
     return Params.model_validate(data)

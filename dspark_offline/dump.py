@@ -13,6 +13,7 @@ turn. CPU smoke run: `dspark-offline dump` with the embedded defaults.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,43 +21,52 @@ import torch
 from tqdm.auto import tqdm
 
 from dspark_offline import __version__
-from dspark_offline.config import Params
+from dspark_offline.config import Params, ParamsError
+from dspark_offline.outputs import check_output_dir
 from dspark_offline.store.background import BackgroundWriter
+from dspark_offline.store.lock import part_locks
 from dspark_offline.store.dtypes import storage_dtype, to_storage
 from dspark_offline.store.manifest import (
     ArrayDtypes,
     BackendInfo,
     DataInfo,
     Manifest,
+    StoreError,
     TargetInfo,
     fingerprint_fields,
 )
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
-from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, plan_part
+from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, part_name, plan_part
 from dspark_offline.store.writer import PartState, open_part, open_store_for_write
 from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
 
 SPLIT = "train"
 
 
+class DumpWriteError(StoreError):
+    """Writing the store failed for a reason of the environment (full disk, permissions, ...)."""
+
+
 def _say(msg: str) -> None:
     tqdm.write(f"[dump] {msg}")
 
 
-def _num_hidden_layers(model_dir: Path) -> int:
+def _text_config(model_dir: Path):
+    """The target's (text) config, read without loading the weights."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(config.num_hidden_layers)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _check_tokens(split, info: dict, prepared: str) -> None:
     """The prepared tokens must come from this target's tokenizer and fit its vocabulary."""
+    from dspark_offline.data.errors import PreparedDataError
+
     for key in ("tokenizer_hash", "chat_template_hash"):
         theirs = split.meta.get(key)
         if theirs is not None and theirs != info[key]:
-            raise ValueError(
+            raise PreparedDataError(
                 f"{prepared}/meta.json: {key}={theirs} but the target {info['path']} has "
                 f"{key}={info[key]}; re-run prepare with this target's tokenizer"
             )
@@ -64,7 +74,7 @@ def _check_tokens(split, info: dict, prepared: str) -> None:
     for i in range(len(split)):
         ids, _ = split[i]
         if len(ids) and int(ids.max()) >= vocab:
-            raise ValueError(
+            raise PreparedDataError(
                 f"{prepared}/{SPLIT}: sample {i} (sample_id {int(split.sample_ids[i])}) has token id "
                 f"{int(ids.max())} >= target vocab_size={vocab}"
             )
@@ -195,8 +205,19 @@ def run(params: Params) -> str:
     """Dump features of the training split (`params.train_data_dir()`: generate.output when
     generation is on, else prepare.output) into `params.dump.store`; return the store path.
 
-    The target backend is closed whatever happens (success, error, Ctrl-C): the vLLM backend's
-    engine is shut down and its temporary files are removed."""
+    Holds the lock of every part it writes for the whole run: a second dump of the same part
+    stops at once with a `StoreLockedError` naming this one (`store/lock.py`). The target backend
+    is closed whatever happens (success, error, Ctrl-C): the vLLM backend's engine is shut down
+    and its temporary files are removed."""
+    cfg = params.dump
+    check_output_dir(cfg.store, "dump.store")
+    parts = list(range(cfg.num_parts)) if cfg.part_index is None else [cfg.part_index]
+    with part_locks(cfg.store, [part_name(p) for p in parts]):
+        _dump(params, parts)
+    return cfg.store
+
+
+def _dump(params: Params, parts: list[int]) -> None:
     from dspark_offline.data.errors import PreparedDataError
     from dspark_offline.data.prepared import PreparedSplit
     from dspark_offline.target.embedded import resolve_target_path
@@ -210,18 +231,24 @@ def run(params: Params) -> str:
         )
     split = PreparedSplit.load(prepared, SPLIT)
     target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
-    layer_ids = resolve_layer_ids(cfg.layer_ids, _num_hidden_layers(target_dir), cfg.num_layer_ids)
+    config = _text_config(target_dir)
+    layer_ids = resolve_layer_ids(cfg.layer_ids, int(config.num_hidden_layers), cfg.num_layer_ids)
+    if cfg.top_k > int(config.vocab_size):
+        raise ParamsError(
+            f"dump.top_k={cfg.top_k} is larger than the vocabulary of the target {params.target.path} "
+            f"({config.vocab_size} tokens); lower dump.top_k"
+        )
     longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
     t0 = time.perf_counter()
     target = _open_target(params, target_dir, layer_ids, longest)
     _say(f"{cfg.backend} backend ready in {time.perf_counter() - t0:.1f}s (model load / engine start-up)")
     try:
-        return _dump(params, target, split, layer_ids, longest)
+        _dump_with(params, target, split, layer_ids, longest, parts)
     finally:
         target.close()
 
 
-def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> str:
+def _dump_with(params: Params, target, split, layer_ids: list[int], longest: int, parts: list[int]) -> None:
     cfg = params.dump
     prepared = params.train_data_dir()
     info = target.info
@@ -231,7 +258,6 @@ def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> 
     manifest = build_manifest(
         params, info, layer_ids, split, shard_tokens, chunk_tokens, backend=target.backend_info
     )
-    parts = range(cfg.num_parts) if cfg.part_index is None else [cfg.part_index]
     plans = [plan_part(split.lengths, cfg.num_parts, p, shard_tokens) for p in parts]
     L, H, K = len(layer_ids), info["hidden_size"], cfg.top_k
     _say(
@@ -240,7 +266,7 @@ def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> 
     )
     _say(
         f"{len(split)} samples, {int(split.lengths.sum())} tokens -> {cfg.num_parts} part(s); "
-        f"shard_tokens={shard_tokens} chunk_tokens={chunk_tokens}; writing part(s) {list(parts)}: "
+        f"shard_tokens={shard_tokens} chunk_tokens={chunk_tokens}; writing part(s) {parts}: "
         f"{sum(len(p.shards) for p in plans)} shards, "
         f"{sum(p.num_tokens for p in plans)} tokens in {sum(p.num_positions for p in plans)} positions"
     )
@@ -249,6 +275,33 @@ def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> 
         f"{manifest.dtypes.final_hidden or 'no'}, top-{K}; params_fingerprint {manifest.params_fingerprint}"
     )
 
+    with _storage_errors(cfg.store):
+        _write(params, target, split, manifest, plans)
+
+
+@contextmanager
+def _storage_errors(store: str):
+    """Turn an OSError of the storage (full disk, permissions, ...), raised here or in the
+    background writer, into one `DumpWriteError` that says what state the store is in: writes are
+    whole-shard and recorded done only after they succeed, so the store is incomplete and
+    resumable, never marked complete."""
+    try:
+        yield
+    except (OSError, StoreError) as e:
+        cause = e.__cause__ if isinstance(e, StoreError) else e
+        if not isinstance(cause, OSError):
+            raise
+        raise DumpWriteError(
+            f"{store}: writing the store failed ({type(cause).__name__}: {cause}); it is left incomplete "
+            "(finished shards are kept, nothing unfinished is marked complete): fix the cause (free space, "
+            "permissions) and re-run dump to resume"
+        ) from e
+
+
+def _write(params: Params, target, split, manifest: Manifest, plans: list[PartPlan]) -> None:
+    """Create or resume the store and its parts, then compute and write every pending shard."""
+    cfg = params.dump
+    parts = [plan.index for plan in plans]
     root = open_store_for_write(cfg.store, manifest, target.head_weights, overwrite=cfg.overwrite)
     states = [open_part(root, manifest, plan, _part_tokens(split, plan)) for plan in plans]
     pending = [(s, shard) for s in states for shard in s.pending()]
@@ -257,8 +310,8 @@ def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> 
     if skipped:
         _say(f"resuming: {skipped} shard(s) already done, {len(pending)} to go")
     if not pending:
-        _say(f"nothing to do: part(s) {list(parts)} of {cfg.store} already complete")
-        return cfg.store
+        _say(f"nothing to do: part(s) {parts} of {cfg.store} already complete")
+        return
     t0 = time.perf_counter()
     with BackgroundWriter() as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
         for state, shard in pending:
@@ -268,4 +321,3 @@ def _dump(params: Params, target, split, layer_ids: list[int], longest: int) -> 
         f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
         f"({todo / max(elapsed, 1e-9):.0f} tok/s; writer thread busy {writer.busy_s:.1f}s)"
     )
-    return cfg.store

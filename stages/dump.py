@@ -3,10 +3,8 @@
 The store is a `persist: true` output, so a re-run after an interruption resumes it.
 """
 
-from dspark_offline.config import load_params
 from dspark_offline.dump import run
-from dspark_offline.entry import setup_process_env
+from dspark_offline.entry import stage_main
 
 if __name__ == "__main__":
-    setup_process_env()
-    run(load_params("params.yaml"))
+    stage_main(run)

@@ -2,10 +2,8 @@
 -> speculative-decoding metrics beside the prompt-lookup baseline (JSON), per-slot acceptance and
 per-prompt counts (TSV plots)."""
 
-from dspark_offline.config import load_params
-from dspark_offline.entry import setup_process_env
+from dspark_offline.entry import stage_main
 from dspark_offline.evaluate import run
 
 if __name__ == "__main__":
-    setup_process_env()
-    run(load_params("params.yaml"))
+    stage_main(run)

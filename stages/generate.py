@@ -6,10 +6,8 @@ Finished chunks wait in <generate.output>.partial/ (outside DVC's outputs), so r
 `dvc repro` after an interruption resumes.
 """
 
-from dspark_offline.config import load_params
-from dspark_offline.entry import setup_process_env
+from dspark_offline.entry import stage_main
 from dspark_offline.generate import run
 
 if __name__ == "__main__":
-    setup_process_env()
-    run(load_params("params.yaml"))
+    stage_main(run)

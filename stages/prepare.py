@@ -1,9 +1,7 @@
 """DVC stage `prepare`: params.yaml [target, prepare] -> prepared token ids + loss masks."""
 
-from dspark_offline.config import load_params
 from dspark_offline.data.prepare import run
-from dspark_offline.entry import setup_process_env
+from dspark_offline.entry import stage_main
 
 if __name__ == "__main__":
-    setup_process_env()
-    run(load_params("params.yaml"))
+    stage_main(run)

@@ -191,7 +191,13 @@ def synthetic_manifest(**over):
         params_fingerprint="f0", created_by="test",
     )
     fields.update(over)
-    return Manifest(**fields)
+    m = Manifest(**fields)
+    if "params_fingerprint" in over:
+        return m
+    # signed like a real dump, so the reader's manifest consistency check accepts it
+    from dspark_offline.store.manifest import fingerprint_fields, params_fingerprint
+
+    return m.model_copy(update={"params_fingerprint": params_fingerprint(fingerprint_fields(m))})
 
 
 class SyntheticStore:

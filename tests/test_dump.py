@@ -7,6 +7,7 @@ import zarr
 
 from dspark_offline import dump
 from dspark_offline.config import Params
+from dspark_offline.data.errors import PreparedDataError
 from dspark_offline.data.prepared import PreparedSplit
 from dspark_offline.store import StoreMismatchError, open_store
 from dspark_offline.store.inspect import verify
@@ -95,7 +96,7 @@ def test_rerun_is_noop_mismatch_refused_overwrite_recreates(tiny_llama_dir, make
 def test_bad_prepared_tokens_are_named(tiny_llama_dir, make_prepared, tmp_path):
     prepared = make_prepared(3, vocab=60000)  # ids beyond the tiny target's 49152 rows
     with pytest.raises(
-        ValueError, match=r"sample \d \(sample_id \d\) has token id \d+ >= target vocab_size=49152"
+        PreparedDataError, match=r"sample \d \(sample_id \d\) has token id \d+ >= target vocab_size=49152"
     ):
         dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr"))
 

@@ -128,9 +128,10 @@ def test_resume_skips_done_shards_and_equals_full_write(synthetic_store, tmp_pat
 def test_fingerprint_mismatch_refused_then_overwrite(synthetic_store):
     synth = synthetic_store(LENGTHS)
     synth.write()
-    other = synthetic_store(LENGTHS, synthetic_manifest(top_k=3, params_fingerprint="f1"), seed=1)
+    other = synthetic_store(LENGTHS, synthetic_manifest(top_k=3), seed=1)
+    old_fp, new_fp = synth.manifest.params_fingerprint, other.manifest.params_fingerprint
     with pytest.raises(
-        StoreMismatchError, match=r"params_fingerprint=f0.*params_fingerprint=f1.*top_k: 4 -> 3"
+        StoreMismatchError, match=rf"params_fingerprint={old_fp} .*params_fingerprint={new_fp}.*top_k: 4 -> 3"
     ):
         other.write()
     other.write(overwrite=True)

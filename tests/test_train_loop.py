@@ -14,7 +14,7 @@ from synthetic_store import TARGET_NAME, make_store
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import load_serving
-from dspark_offline.store import StoreMismatchError, open_store
+from dspark_offline.store import StoreIntegrityError, StoreMismatchError, open_store
 from dspark_offline.train import checkpoint
 from dspark_offline.train.dataset import FeatureDataset, SampleReadError, select_samples
 from dspark_offline.train.export import consolidated_state_dict
@@ -150,7 +150,7 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
         ({"layer_ids": (2, 4)}, {}, r"layer_ids=\[2, 4\].*needs layer_ids=\[1, 3\]"),
         ({"final_hidden": False}, {"l1_mode": "exact"}, r"has_final_hidden=False.*has_final_hidden=True"),
         ({"final_hidden": False}, {}, r"has_final_hidden=False but train\.l1_mode='recompute' needs.*l1_mode=capped"),
-        ({"top_k": 4, "drop": "topk_ids"}, {}, r"sample 0.*topk_ids"),
+        ({"top_k": 4, "drop": "topk_ids"}, {}, r"bad\.zarr: damaged feature store: part-00000/topk_ids: array missing"),
     ],
     ids=["other-target", "other-layer-ids", "exact-without-final-hidden", "default-without-final-hidden",
          "missing-topk"],
@@ -161,7 +161,7 @@ def test_incompatible_store_is_refused_before_step_one(tmp_path, store_kw, param
     bad = make_store(tmp_path / "bad.zarr", **store_kw)
     if drop:
         shutil.rmtree(bad / "part-00000" / drop)
-    with pytest.raises((StoreMismatchError, SampleReadError), match=message):
+    with pytest.raises((StoreMismatchError, StoreIntegrityError, SampleReadError), match=message):
         train_run(make_params(bad, tmp_path / "out", **params_kw))
     assert not (tmp_path / "out" / "checkpoints").exists()
 

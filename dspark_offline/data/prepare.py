@@ -39,6 +39,7 @@ from dspark_offline.data.render import (
 )
 from dspark_offline.data.skips import REASONS, SkipLog
 from dspark_offline.data.sources import SourceStats, detect_container, read_conversations, resolve_source
+from dspark_offline.outputs import check_output_dir
 
 POOL_FACTOR = 4
 
@@ -59,6 +60,7 @@ def _split_counts(survived: int, num_samples: int, num_eval: int) -> tuple[int, 
 
 def run(params: Params) -> Path:
     cfg = params.prepare
+    check_output_dir(cfg.output, "prepare.output", replaced_whole=True)
     path = resolve_source(cfg.source)
     stats = SourceStats(path=str(path), container=detect_container(path))
     tokenizer = load_tokenizer(params.target.path, params.target.cache_dir)

@@ -8,6 +8,7 @@ whole sequence.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -59,12 +60,13 @@ class ServingDrafter:
         return Proposal(tokens=block.tokens, probs=block.probs, confidence=block.confidence_logits)
 
 
-def check_drafter_fits(model: nn.Module, target: nn.Module, drafter_dir: Path) -> None:
-    """Refuse a drafter exported for another target, naming both values."""
-    cfg, tcfg = model.cfg, target.config
+def check_drafter_fits(cfg, target: nn.Module, drafter_dir: Path) -> None:
+    """Refuse a drafter exported for another target (`cfg`: its DraftModelConfig), naming both values."""
+    tcfg = target.config
     checks = {
         "hidden_size": (cfg.hidden_size, tcfg.hidden_size),
         "num_target_layers / num_hidden_layers": (cfg.num_target_layers, tcfg.num_hidden_layers),
+        "vocab_size / embedding rows": (cfg.vocab_size, target.get_input_embeddings().weight.shape[0]),
     }
     for name, (drafter_value, target_value) in checks.items():
         if int(drafter_value) != int(target_value):
@@ -76,16 +78,19 @@ def check_drafter_fits(model: nn.Module, target: nn.Module, drafter_dir: Path) -
 
 def load_drafter(drafter_dir: str | Path, target: nn.Module) -> ServingDrafter:
     """Load an exported drafter directory and attach the target's embedding and lm_head."""
-    from dspark_offline.model.serving import load_serving
+    from dspark_offline.model.serving import CONFIG_FILE, ServingFormatError, config_from_serving, load_serving
 
     drafter_dir = Path(drafter_dir)
-    if not (drafter_dir / "config.json").exists():
+    if not (drafter_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(
             f"drafter {drafter_dir}: no config.json (set evaluate.drafter or run `dspark-offline export` first)"
         )
+    try:
+        conf = json.loads((drafter_dir / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise ServingFormatError(f"{drafter_dir / CONFIG_FILE}: not valid JSON ({e})") from None
+    check_drafter_fits(config_from_serving(conf, str(drafter_dir / CONFIG_FILE)), target, drafter_dir)  # before loading
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     model = load_serving(drafter_dir, embed.weight, head.weight)
     param = next(target.parameters())
-    model = model.to(device=param.device, dtype=param.dtype)
-    check_drafter_fits(model, target, drafter_dir)
-    return ServingDrafter(model)
+    return ServingDrafter(model.to(device=param.device, dtype=param.dtype))

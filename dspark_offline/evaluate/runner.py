@@ -1,7 +1,8 @@
 """`dspark-offline evaluate`: real speculative decoding with the HF target and an exported drafter,
 beside the no-training prompt-lookup baseline (and optionally a second drafter).
 
-Story: load target and decoders (the drafter, prompt lookup, ``evaluate.compare``) -> held-out
+Story: load target and decoders (the drafter, prompt lookup, ``evaluate.compare``) -> check each
+drafter still belongs to the target (weights hash, layer spot check: `provenance`) -> held-out
 prompts -> per prompt, the plain target decode once (speed baseline and, at T = 0, the
 losslessness reference), then every decoder through the same verification loop -> at T = 0
 check each decoder token for token (raises on a mismatch) -> τ with paired bootstrap intervals
@@ -26,6 +27,7 @@ from dspark_offline.evaluate.lossless import check_lossless
 from dspark_offline.evaluate.prompt_lookup import PromptLookupDrafter
 from dspark_offline.evaluate.prompts import load_prompts
 from dspark_offline.evaluate.proposal import Drafter
+from dspark_offline.evaluate.provenance import check_drafter
 from dspark_offline.evaluate.report import (
     COMPARE,
     DRAFTER,
@@ -39,6 +41,7 @@ from dspark_offline.evaluate.report import (
 )
 from dspark_offline.evaluate.speculative import speculative_decode
 from dspark_offline.evaluate.target import load_target, target_decode
+from dspark_offline.outputs import check_output_file
 
 
 class PromptTooLongError(ValueError):
@@ -78,8 +81,14 @@ def _decoders(params: Params, model: torch.nn.Module) -> list[Decoder]:
 
 def run(params: Params) -> dict:
     cfg = params.evaluate
+    # every output is checked before the target loads: a read-only directory must not cost a full decode
+    for what in ("output", "per_slot_output", "per_prompt_output"):
+        check_output_file(getattr(cfg, what), f"evaluate.{what}")
     target = load_target(params.target)
     decoders = _decoders(params, target.model)
+    for drafter_dir in [cfg.drafter or params.export.output, *([cfg.compare] if cfg.compare else [])]:
+        for line in check_drafter(drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights):
+            print(f"[evaluate] {line}")
     prompts, skipped = load_prompts(params.prepare.output, cfg.num_prompts)
     param = next(target.model.parameters())
     drafter = decoders[0].drafter
@@ -92,14 +101,14 @@ def run(params: Params) -> dict:
         f"max_new_tokens={cfg.max_new_tokens}, T={cfg.temperature}, confidence_threshold={cfg.confidence_threshold}"
     )
     shortfall = cfg.num_prompts - len(prompts)
+    notes = []  # eval.json "warnings", first key of the file
     if shortfall:
-        warnings.warn(
+        notes.append(
             f"evaluate.num_prompts={cfg.num_prompts} but {params.prepare.output}/eval has only {len(prompts)} "
             f"usable prompts: every result below is over {len(prompts)} prompts (raise "
-            "prepare.num_eval_samples and re-run prepare)",
-            FewerPromptsWarning,
-            stacklevel=2,
+            "prepare.num_eval_samples and re-run prepare)"
         )
+        warnings.warn(notes[-1], FewerPromptsWarning, stacklevel=2)
     _check_lengths(prompts, cfg.max_new_tokens, max(d.drafter.block_size for d in decoders), target.model)
 
     spec_kwargs = {
@@ -143,7 +152,7 @@ def run(params: Params) -> dict:
         bar.set_postfix({d.name: f"{d.tally.committed / max(d.tally.rounds, 1):.2f}" for d in decoders})
 
     tallies = {d.name: d.tally for d in decoders}
-    metrics = evaluation_metrics(
+    metrics = {"warnings": notes} | evaluation_metrics(
         tallies, sum(target_tokens), target_seconds, resamples=cfg.bootstrap_resamples, seed=cfg.seed
     )
     metrics.update(

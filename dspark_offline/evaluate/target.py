@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from dspark_offline.target.capture import capture_layers
+from dspark_offline.target.kv_cache import growing_cache
 
 # The loader is shared with `generate` and lives with the HF backend; re-exported for callers here.
 from dspark_offline.target.hf_backend import LoadedTarget, load_target, stop_token_ids  # noqa: F401
@@ -29,7 +29,7 @@ class TargetSession:
         self.model = model
         self.layer_ids = list(layer_ids)
         self.device = next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model)
 
     @property
     def length(self) -> int:
@@ -80,7 +80,7 @@ def target_decode(
     Greedy at T = 0 (the losslessness reference), else samples from softmax(logits / T).
     """
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    cache = growing_cache(model)
     ids = prompt.to(device).view(1, -1)  # [1, P]
     out: list[int] = []
     while len(out) < max_new_tokens:

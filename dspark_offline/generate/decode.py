@@ -2,8 +2,9 @@
 
 Why not ``model.generate``: with padding, a batch keeps paying for rows that have already
 stopped until its longest answer ends. Here every decoding step runs only the rows that are
-still going; a finished row leaves the batch, its KV cache rows (``DynamicCache.
-batch_select_indices``), its attention-mask row and its position counter.
+still going; a finished row leaves the batch, its KV cache rows (``batch_select_indices``), its
+attention-mask row and its position counter. The KV cache grows by doubling
+(`target.kv_cache`), so a step writes only its new positions.
 
 Left padding keeps every row's newest token in the last column, so one ``[b, 1]`` input feeds
 the next step. Pads are masked out of attention, and positions count real tokens only
@@ -18,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+
+from dspark_offline.target.kv_cache import growing_cache
 
 
 def pick_tokens(
@@ -71,7 +73,7 @@ def decode_batch(
         mask[b, P - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, P] position of each real token
-    cache = DynamicCache(config=model.config)
+    cache = growing_cache(model)
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
         logits_to_keep=1,

@@ -49,6 +49,7 @@ from dspark_offline.generate.chunks import ChunkDir, ChunkResult
 from dspark_offline.generate.engine import make_engine
 from dspark_offline.generate.report import GenerateTally
 from dspark_offline.generate.stops import StopIds, resolve_stop_ids
+from dspark_offline.outputs import check_output_dir
 from dspark_offline.target.fingerprint import tokenizer_hashes, weights_hash
 
 DISABLED_MARKER = "disabled.json"
@@ -188,6 +189,7 @@ def run(params: Params) -> Path:
     """Generate the on-policy training data of `params.prepare.output` into `params.generate.output`."""
     cfg = params.generate
     out = Path(cfg.output)
+    check_output_dir(out, "generate.output", replaced_whole=True)
     if not cfg.enabled:
         return _write_disabled(out, params)
     _check_replaceable(out)

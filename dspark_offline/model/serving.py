@@ -28,6 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# Beside config.json: where the drafter came from (checkpoint, store, target weights hash), written
+# by `export`, read by `evaluate` to check the drafter still belongs to the target.
+PROVENANCE_FILE = "dspark_offline_export.json"
+
 from .config import DraftModelConfig
 from .draft import DSparkDraft
 

@@ -2,13 +2,17 @@
 
 Public surface only; the layout and protocol live in `manifest` (format), `plan` (where samples
 go), `writer` (creation, whole-shard writes, resume), `reader` (random access), `dtypes`
-(bf16 as uint16 bits) and `inspect` (summary and integrity check).
+(bf16 as uint16 bits), `inspect` (summary, verify) and the integrity guards: `strict` (an absent
+chunk is an error on read), `objects` (which objects an array has) and `integrity` (the quick
+check run before any data is read).
 """
 
 from dspark_offline.store.manifest import (
     FORMAT_VERSION,
     Manifest,
+    MissingChunkError,
     StoreError,
+    StoreIntegrityError,
     StoreMismatchError,
     check_compatible,
 )
@@ -18,7 +22,9 @@ __all__ = [
     "FORMAT_VERSION",
     "FeatureStore",
     "Manifest",
+    "MissingChunkError",
     "StoreError",
+    "StoreIntegrityError",
     "StoreMismatchError",
     "StoredSample",
     "check_compatible",

@@ -1,22 +1,23 @@
-"""Looking at a store: a summary (`inspect`, `format_inspect`) and a full integrity check (`verify`).
+"""Looking at a store: a summary (`inspect`, `format_inspect`) and an integrity check (`verify`).
 
-`verify` reads every shard back. Each inner chunk and each shard index carries a crc32c, so a
-flipped byte anywhere in a shard object fails the read; a shard object that is absent would
-silently read as zeros, so its existence is checked explicitly. Problems are returned as
-strings naming the part, array and shard; the CLI exits non-zero when there are any.
+`verify --quick` is `integrity.quick_check`: manifest, shapes and dtypes, the presence of every
+object each array must have and every shard index, without decoding data. The full `verify`
+then reads every chunk and shard back, the target head and the sample index included: each
+inner chunk and each shard index carries a crc32c, so a flipped byte anywhere fails the read.
+Problems are returned as strings naming the part or group, the array and the shard or chunk
+object; the CLI exits non-zero when there are any.
 """
 
 from __future__ import annotations
 
-from zarr.core.sync import sync
+import zarr
 
-from dspark_offline.store.manifest import Manifest, StoreError, parse_manifest
+from dspark_offline.store.integrity import PLAN_TOKEN_ARRAYS, quick_check, scan
+from dspark_offline.store.manifest import HEAD_ARRAYS, PART_ATTR, StoreError, parse_manifest
+from dspark_offline.store.objects import all_coords, object_key, object_region, token_shards
 from dspark_offline.store.plan import part_name
 from dspark_offline.store.reader import open_root, part_status
-from dspark_offline.store.writer import HEAD_ARRAYS, PART_ATTR, feature_specs
-
-_PLAN_TOKEN_ARRAYS = ("input_ids", "loss_mask")
-_SAMPLE_ARRAYS = ("sample_id", "sample_start", "sample_length")
+from dspark_offline.store.writer import feature_specs
 
 
 def _stored_bytes(group) -> int:
@@ -49,10 +50,12 @@ def inspect(path: str) -> dict:
         parts.append(row)
     tokens = sum(r.get("num_tokens", 0) for r in parts)
     part_bytes = sum(r.get("bytes", 0) for r in parts)
+    complete = [r["name"] for r in parts if r["complete"]]
     return {
         "path": str(path),
         "manifest": manifest.model_dump(mode="json"),
         "parts": parts,
+        "problems": quick_check(root, manifest, complete),  # of the complete parts (verify --quick)
         "total": {
             "num_samples": sum(r.get("num_samples", 0) for r in parts),
             "num_tokens": tokens,
@@ -119,73 +122,73 @@ def format_inspect(info: dict) -> str:
         f"{'-' if tot['bytes_per_token'] is None else tot['bytes_per_token']:>10}  "
         f"{'complete' if tot['complete'] else 'INCOMPLETE'}   (+ head {_human(tot['head_bytes'])})"
     )
+    problems = info.get("problems", [])
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        lines.append(f"integrity  DAMAGED: {problems[0]}{more}; run `dspark-offline verify {info['path']}`")
+    else:
+        lines.append("integrity  quick check OK (run `dspark-offline verify` to read every shard back)")
     return "\n".join(lines)
 
 
-def _check_shards(arr, where: str, shards: list[int], shard_tokens: int) -> list[str]:
-    """Read back the given shards of `arr` (token axis first); report missing or corrupt ones."""
+def _read_back(arr: zarr.Array, where: str, kind: str, coords, skip: set[str]) -> list[str]:
+    """Decode every object of `arr` at `coords` (those not already reported); name the corrupt ones."""
     problems = []
-    store, base = arr.store_path.store, arr.store_path.path
-    T = arr.shape[0]
-    for s in shards:
-        key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
-        if not sync(store.exists(f"{base}/{key}" if base else key)):
-            problems.append(f"{where} shard {s} ({key}): missing")
+    for c in coords:
+        key = object_key(arr, c)
+        if key in skip:
             continue
         try:
-            arr[s * shard_tokens : min((s + 1) * shard_tokens, T)]
-        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt shard
-            problems.append(f"{where} shard {s} ({key}): corrupt ({type(e).__name__}: {e})")
+            arr[object_region(arr, c)]
+        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt object
+            label = c[0] if not any(c[1:]) else list(c)
+            problems.append(f"{where} {kind} {label} ({key}): corrupt ({type(e).__name__}: {e})")
     return problems
 
 
-def _verify_part(root, manifest: Manifest, name: str) -> list[str]:
-    complete, status = part_status(root, name)
-    if status in ("missing", "creation interrupted"):
-        return [f"{name}: {status}"]
+def _member(group: zarr.Group, name: str) -> zarr.Array | None:
+    try:
+        arr = group[name]
+    except Exception:  # noqa: BLE001 - missing or unreadable: the quick check named it
+        return None
+    return arr if isinstance(arr, zarr.Array) else None
+
+
+def _read_part(root: zarr.Group, manifest, name: str, skip: set[str]) -> list[str]:
+    """Decode every shard of a part's token arrays (the sample index is decoded by the quick check)."""
+    if part_status(root, name)[1] in ("missing", "creation interrupted"):
+        return []
     group = root[name]
     attrs = group.attrs.asdict()[PART_ATTR]
-    problems = [] if complete else [f"{name}: incomplete ({status})"]
-    n_shards, shard = int(attrs["num_shards"]), manifest.shard_tokens
-    done = sorted(attrs.get("shards_done", []))
-    arrays = {n: group[n] for n, _ in group.arrays()}
-    needed = [*_PLAN_TOKEN_ARRAYS, *_SAMPLE_ARRAYS, *feature_specs(manifest)]
-    for missing in [n for n in needed if n not in arrays]:
-        problems.append(f"{name}/{missing}: array missing")
-    for n in _PLAN_TOKEN_ARRAYS:
-        if n in arrays:
-            problems += _check_shards(arrays[n], f"{name}/{n}", list(range(n_shards)), shard)
-    for n in feature_specs(manifest):
-        if n in arrays:
-            problems += _check_shards(arrays[n], f"{name}/{n}", done, shard)
-    try:
-        start = group["sample_start"][...]
-        length = group["sample_length"][...]
-        group["sample_id"][...]
-    except Exception as e:  # noqa: BLE001
-        return [*problems, f"{name}: sample index unreadable ({type(e).__name__}: {e})"]
-    if len(start) != attrs["num_samples"] or int(length.sum()) != attrs["num_tokens"]:
-        problems.append(f"{name}: sample index disagrees with part attrs (samples/tokens)")
-    elif len(start) and int((start + length).max()) > attrs["num_positions"]:
-        problems.append(f"{name}: a sample ends past the token axis ({attrs['num_positions']})")
+    problems = []
+    for n in [*PLAN_TOKEN_ARRAYS, *feature_specs(manifest)]:
+        arr = _member(group, n)
+        if arr is not None:
+            shards = range(int(attrs["num_shards"])) if n in PLAN_TOKEN_ARRAYS else attrs.get("shards_done", [])
+            problems += _read_back(arr, f"{name}/{n}", "shard", token_shards(arr, shards), skip)
     return problems
 
 
-def verify(path: str) -> list[str]:
-    """Every problem found in the store at `path` (empty list = the store is whole)."""
+def verify(path: str, quick: bool = False) -> list[str]:
+    """Every problem found in the store at `path` (empty list = the store is whole).
+
+    `quick`: only what `integrity.quick_check` sees (no data decoded); otherwise also read every
+    chunk of the target head and every shard and sample-index chunk of every part back.
+    """
     try:
         root = open_root(path)
         manifest = parse_manifest(root.attrs.asdict(), path)
     except StoreError as e:
         return [str(e)]
-    problems = []
-    for n in HEAD_ARRAYS:
-        try:
-            root[f"target/{n}"][...]
-        except KeyError:
-            problems.append(f"target/{n}: array missing")
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"target/{n}: corrupt ({type(e).__name__}: {e})")
+    report = scan(root, manifest, [part_name(p) for p in range(manifest.num_parts)])
+    if quick:
+        return report.problems
+    problems = list(report.problems)
+    if "target" in root:
+        for n in HEAD_ARRAYS:
+            arr = _member(root["target"], n)
+            if arr is not None:
+                problems += _read_back(arr, f"target/{n}", "chunk", all_coords(arr), report.bad_keys)
     for p in range(manifest.num_parts):
-        problems += _verify_part(root, manifest, part_name(p))
+        problems += _read_part(root, manifest, part_name(p), report.bad_keys)
     return problems

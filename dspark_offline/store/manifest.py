@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 FORMAT_NAME = "dspark-offline-features"
 FORMAT_VERSION = 1
 MANIFEST_ATTR = "dspark_offline"
+PART_ATTR = "dspark_offline_part"  # attrs of each part group: status, counts, shards done
+HEAD_ARRAYS = ("embed_tokens", "lm_head", "final_norm")  # arrays of the `target` group
 
 
 class StoreError(RuntimeError):
@@ -26,6 +28,14 @@ class StoreError(RuntimeError):
 
 class StoreMismatchError(StoreError):
     """A store whose contents do not match what the caller (drafter config, dump params) needs."""
+
+
+class StoreIntegrityError(StoreError):
+    """A damaged store: an object missing or corrupt, shapes or manifest inconsistent (named)."""
+
+
+class MissingChunkError(StoreIntegrityError):
+    """A chunk or shard object an array needs is absent; zarr would read it as the fill value."""
 
 
 class _Model(BaseModel):

@@ -4,6 +4,10 @@ Opening reads only metadata and the small per-sample index (`sample_id/start/len
 part); `sample(i)` reads exactly the token slices of that sample. Zarr handles are opened
 lazily and cached, and dropped on pickling, so a `FeatureStore` can be handed to torch
 DataLoader workers, each of which reopens the store on first use.
+
+Integrity: the store is read through `strict.StrictStore`, so an absent chunk or shard is an
+error instead of the fill value, and opening runs `integrity.quick_check` (manifest, shapes,
+every expected object and shard index, the sample index) on the parts it will read.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 
 from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, from_storage
-from dspark_offline.store.manifest import Manifest, StoreError, parse_manifest
+from dspark_offline.store.integrity import quick_check, read_sample_index, refuse
+from dspark_offline.store.manifest import (
+    HEAD_ARRAYS,
+    PART_ATTR,
+    Manifest,
+    StoreError,
+    StoreIntegrityError,
+    parse_manifest,
+)
 from dspark_offline.store.plan import part_name
-from dspark_offline.store.writer import HEAD_ARRAYS, PART_ATTR
+from dspark_offline.store.strict import repair_hint, strict_store
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +52,22 @@ class StoredSample:
 
 
 def open_root(path: str) -> zarr.Group:
-    """Open the store read-only, with a clear error when nothing is there."""
+    """Open the store read-only (absent chunks are errors: `StrictStore`), with a clear error when
+    nothing is there or its root metadata is unreadable."""
     try:
-        return zarr.open_group(str(path), mode="r", zarr_format=3)
+        return zarr.open_group(store=strict_store(path), mode="r", zarr_format=3)
     except (FileNotFoundError, GroupNotFoundError) as e:
         raise StoreError(f"{path}: no feature store there ({type(e).__name__}: {e})") from e
+    except (ValueError, TypeError, KeyError) as e:  # garbled zarr.json (JSON or metadata errors)
+        raise StoreIntegrityError(
+            f"{path}/zarr.json: root metadata unreadable ({type(e).__name__}: {e}); restore it, or re-dump "
+            "with dump.overwrite=true"
+        ) from e
+
+
+def read_manifest(path: str) -> Manifest:
+    """The validated manifest of the store at `path` (metadata only: no check, no data read)."""
+    return parse_manifest(open_root(path).attrs.asdict(), str(path))
 
 
 def part_status(root: zarr.Group, name: str) -> tuple[bool, str]:
@@ -79,12 +102,16 @@ class FeatureStore:
         self.parts = [n for n, (ok, _) in statuses.items() if ok]
         if not self.parts:
             raise StoreError(f"{self.path}: no complete part to read")
+        problems = quick_check(root, self.manifest, self.parts)  # before reading anything
+        if problems:
+            raise refuse(self.path, problems)
         starts, lengths, ids, part_of = [], [], [], []
         for k, name in enumerate(self.parts):
-            g = root[name]
-            ids.append(g["sample_id"][...].astype(np.int64))
-            starts.append(g["sample_start"][...].astype(np.int64))
-            lengths.append(g["sample_length"][...].astype(np.int64))
+            attrs = root[name].attrs.asdict()[PART_ATTR]
+            sample_id, start, length = read_sample_index(root[name], attrs)  # checked by quick_check
+            ids.append(sample_id)
+            starts.append(start)
+            lengths.append(length)
             part_of.append(np.full(len(ids[-1]), k, dtype=np.int64))
         self.sample_ids = np.concatenate(ids)  # int64 [N]
         self.lengths = np.concatenate(lengths)  # int64 [N]
@@ -113,7 +140,18 @@ class FeatureStore:
     def _read(self, group: str, name: str, sel=slice(None)) -> torch.Tensor:
         arr = self._array(group, name)
         logical = arr.attrs.get(LOGICAL_DTYPE_ATTR, str(arr.dtype))
-        return from_storage(arr[sel], logical)
+        try:
+            data = arr[sel]
+        except StoreError:
+            raise
+        except Exception as e:  # a decode failure (crc32c, codec): name the array
+            raise self._unreadable(f"{group}/{name}", e) from e
+        return from_storage(data, logical)
+
+    def _unreadable(self, what: str, e: Exception) -> StoreIntegrityError:
+        return StoreIntegrityError(
+            f"{self.path}: {what} unreadable ({type(e).__name__}: {e}); {repair_hint(self.path)}"
+        )
 
     # -- public API ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -142,9 +180,16 @@ class FeatureStore:
         async def read_all():  # concurrent slice reads: ~25% faster than one after another
             return await asyncio.gather(*(a.async_array.getitem(sel) for a in arrays))
 
+        try:
+            values = sync(read_all())
+        except StoreError:
+            raise
+        except Exception as e:  # a decode failure (crc32c, codec): name what was read
+            what = f"{part}/{{{','.join(names)}}} of sample {i} (tokens {sel.start}:{sel.stop})"
+            raise self._unreadable(what, e) from e
         return {
             n: from_storage(np.asarray(v), a.attrs.get(LOGICAL_DTYPE_ATTR, str(a.dtype)))
-            for n, a, v in zip(names, arrays, sync(read_all()))
+            for n, a, v in zip(names, arrays, values)
         }
 
     def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
@@ -175,6 +220,7 @@ def open_store(path: str, complete_only: bool = False) -> FeatureStore:
     """Open a feature store for reading.
 
     Raises `StoreError` for a missing store, a foreign format, an unknown format version, or
-    incomplete parts (named) unless `complete_only=True`, which skips them with a warning.
+    incomplete parts (named) unless `complete_only=True`, which skips them with a warning;
+    `StoreIntegrityError` for a store the quick check rejects (store/integrity.py).
     """
     return FeatureStore(path, complete_only=complete_only)

@@ -12,6 +12,13 @@ Write protocol, chosen so that a kill at any instant leaves a store a re-run can
    one flips `complete`. A shard not listed is rewritten in full by the next run, so a
    sample's features never mix two runs.
 
+A resumed run trusts nothing it cannot see: a listed shard whose object is missing or whose
+index is damaged (store/integrity.py) is taken off the list and recomputed, a part whose
+plan-known arrays are damaged is recreated, a damaged target head is rewritten, and a manifest
+edited by hand (it no longer hashes to its fingerprint) is written back. Every
+array is created with `write_empty_chunks`, so every chunk of the grid exists as an object and
+an absent one is damage, never "all zeros".
+
 Shard writes run on a background thread behind a bounded queue so compression and I/O overlap
 the target forward (`store/background.py`); its errors are re-raised in the caller's thread.
 """
@@ -28,8 +35,17 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, GroupNotFoundError
 
 from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, logical_name, storage_dtype, to_storage
+from dspark_offline.store.integrity import (
+    EVERY_CHUNK_ATTR,
+    Report,
+    head_problems,
+    manifest_problems,
+    part_problems,
+)
 from dspark_offline.store.manifest import (
+    HEAD_ARRAYS,
     MANIFEST_ATTR,
+    PART_ATTR,
     Manifest,
     StoreError,
     StoreMismatchError,
@@ -40,8 +56,6 @@ from dspark_offline.store.plan import PartPlan, ShardPlan
 
 log = logging.getLogger(__name__)
 
-PART_ATTR = "dspark_offline_part"
-HEAD_ARRAYS = ("embed_tokens", "lm_head", "final_norm")
 _HEAD_CHUNK_BYTES = 8 << 20
 
 
@@ -111,8 +125,15 @@ def open_store_for_write(
     `overwrite`, in which case it is deleted and recreated. `head_weights` is called only when
     the head still has to be written.
     """
-    root = _try_open(path)
-    recreate = False
+    try:
+        root, recreate = _try_open(path), False
+    except (ValueError, TypeError, KeyError) as e:  # a garbled root zarr.json
+        if not overwrite:
+            raise StoreMismatchError(
+                f"{path}/zarr.json: root metadata unreadable ({type(e).__name__}: {e}); "
+                "set dump.overwrite=true to delete and recreate the store"
+            ) from e
+        root, recreate = None, True
     if root is not None:
         attrs = root.attrs.asdict()
         if MANIFEST_ATTR in attrs:
@@ -126,6 +147,14 @@ def open_store_for_write(
                 same_backend = manifest.backend is None or backend_name(old) == backend_name(manifest)
                 if old.params_fingerprint == manifest.params_fingerprint and same_backend:
                     log.info("resuming %s (params_fingerprint %s)", path, old.params_fingerprint)
+                    damage = head_problems(root, manifest)
+                    if damage:
+                        log.warning("%s: target head damaged (%s); rewriting it", path, "; ".join(damage))
+                        _write_head(root, manifest, head_weights(), replace=True)
+                    edited = manifest_problems(old)
+                    if edited:  # the arrays were written under this fingerprint: its manifest is this one
+                        log.warning("%s: %s; writing this dump's manifest back", path, "; ".join(edited))
+                        root.attrs[MANIFEST_ATTR] = manifest.model_dump(mode="json")
                     return root
                 if not overwrite:
                     if old.params_fingerprint != manifest.params_fingerprint:
@@ -161,8 +190,10 @@ def open_store_for_write(
     return root
 
 
-def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor]) -> None:
-    """target/embed_tokens [V, H], target/lm_head [V, H], target/final_norm [H], in the head dtype."""
+def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor], replace: bool = False) -> None:
+    """target/embed_tokens [V, H], target/lm_head [V, H], target/final_norm [H], in the head dtype.
+
+    `replace`: recreate the arrays (a damaged head: an array's metadata may be what is broken)."""
     missing = set(HEAD_ARRAYS) - set(weights)
     if missing:
         raise ValueError(f"head_weights() lacks {sorted(missing)}")
@@ -186,6 +217,8 @@ def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor])
                 compressors=compressors(m.compressor, m.compression_level),
                 fill_value=0,
                 attributes={LOGICAL_DTYPE_ATTR: logical},
+                config={"write_empty_chunks": True},  # every chunk exists: an absent one is damage
+                overwrite=replace,
             )
         except ContainsArrayError:  # a resumed or concurrent creation: same bytes, written again
             arr = group[name]
@@ -199,7 +232,8 @@ class PartState:
         self.group, self.plan, self.manifest = group, plan, manifest
         self.done, self.complete = done, complete
         self.specs = feature_specs(manifest)
-        self._arrays = {name: group[name] for name in self.specs}
+        # write_empty_chunks is a runtime setting, not stored: set it on every handle that writes
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.specs}
 
     @property
     def name(self) -> str:
@@ -260,12 +294,33 @@ def open_part(
             got = {k: attrs.get(k) for k in expect}
             if got != expect:
                 raise StoreError(f"{name}: stored layout {got} differs from this dump's plan {expect}")
-            return PartState(
-                group, plan, manifest, set(attrs.get("shards_done", [])), bool(attrs.get("complete"))
-            )
-        log.info("%s: removing a part whose creation was interrupted", name)
+            state = _resume_part(root, plan, manifest, attrs)
+            if state is not None:
+                return state
+        else:
+            log.info("%s: removing a part whose creation was interrupted", name)
         del root[name]
     return _create_part(root, manifest, plan, *tokens())
+
+
+def _resume_part(root: zarr.Group, plan: PartPlan, manifest: Manifest, attrs: dict) -> PartState | None:
+    """The part's state for resuming, its damaged shards taken off `shards_done`; None when the
+    part must be recreated (its plan-known arrays, sample index or any array metadata damaged)."""
+    report = Report()
+    part_problems(root, manifest, plan.name, report)
+    damage = [f for f in report.findings if not f.benign]
+    features = feature_specs(manifest)
+    done = set(attrs.get("shards_done", []))
+    if any(f.array not in features or f.index is None for f in damage):
+        log.warning("%s: damaged (%s); recreating the part", plan.name, "; ".join(f.line for f in damage))
+        return None
+    if damage:
+        bad = {f.index for f in damage}
+        log.warning("%s: recomputing shard(s) %s: %s", plan.name, sorted(bad), "; ".join(f.line for f in damage))
+        done -= bad
+        attrs = dict(attrs, shards_done=sorted(done), complete=False, status="writing")
+        root[plan.name].attrs[PART_ATTR] = attrs
+    return PartState(root[plan.name], plan, manifest, done, bool(attrs.get("complete")))
 
 
 def _create_part(root, manifest, plan, input_ids, loss_mask, sample_id) -> PartState:
@@ -306,6 +361,7 @@ def _create_part(root, manifest, plan, input_ids, loss_mask, sample_id) -> PartS
             compressors=codecs,
             fill_value=0,
             attributes={LOGICAL_DTYPE_ATTR: str(data.dtype)},
+            config={"write_empty_chunks": True},  # [0] is the fill value and still a chunk
         )
         arr[...] = data
     complete = not plan.shards
@@ -319,5 +375,6 @@ def _create_part(root, manifest, plan, input_ids, loss_mask, sample_id) -> PartS
         "num_shards": len(plan.shards),
         "shards_done": [],
         "params_fingerprint": manifest.params_fingerprint,
+        EVERY_CHUNK_ATTR: True,  # every array's every chunk is an object (store/integrity.py)
     }
     return PartState(group, plan, manifest, set(), complete)

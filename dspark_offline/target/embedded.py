@@ -46,6 +46,20 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def existing_target_path(path: str, cache_dir: str | None = None) -> Path | None:
+    """The local HF directory of `params.target.path` when it is already there, else None; never
+    converts (for checks by stages that do not need the target itself, e.g. `train`)."""
+    if path != EMBEDDED_TARGET:
+        p = Path(path)
+        return p if (p / "config.json").is_file() else None
+    try:
+        src = gguf_path()
+    except (RuntimeError, FileNotFoundError):
+        return None
+    out = cache_root(cache_dir) / f"smollm2-135m-instruct-{_file_digest(src)}"
+    return out if (out / "config.json").exists() and (out / ".complete").exists() else None
+
+
 def resolve_target_path(path: str, cache_dir: str | None = None) -> Path:
     """Map `params.target.path` to a local HF directory, converting the embedded GGUF once."""
     if path != EMBEDDED_TARGET:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dspark_offline.config import TargetConfig
 from dspark_offline.linalg import use_vocab_head
+from dspark_offline.target.attention import ATTENTION
 from dspark_offline.target.capture import UnsupportedArchitectureError, capture_layers, find_decoder_parts
 from dspark_offline.target.fingerprint import tokenizer_hashes, weights_hash
 from dspark_offline.target.layers import validate_layer_ids
@@ -50,7 +51,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, object]:
     """The one place a target is loaded: ``(*ForCausalLM in eval mode, frozen, on device; tokenizer)``."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
     model.to(device).eval().requires_grad_(False)
     use_vocab_head(model)  # same logits, faster on CPU for the few-row forwards of decoding
     return model, tokenizer

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not belong to this run."""
 
 
+# How torch.save reports a write that failed (e.g. a full disk) from its C++ stream writer.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -46,7 +51,19 @@ def save(engine: Any, output_dir: str | Path, step: int, meta: dict, *, is_main:
     """Save the DeepSpeed state of every rank, then rank 0 writes ``meta.json``. Collective."""
     root = checkpoints_dir(output_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"dspark_meta": meta})
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"dspark_meta": meta})
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+            raise
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there" if root.exists() else "no directory"
+        previous = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"{root / tag}: writing the checkpoint of step {step} failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}; {free}); it has no {META_FILE}, so "
+            f"it is ignored: free space and re-run with --resume to continue from "
+            f"{previous.name if previous else 'the start'}"
+        ) from e
     barrier()  # all ranks' optimizer shards are on disk before the checkpoint is marked complete
     path = root / tag
     if is_main:

@@ -21,13 +21,12 @@ import torch
 
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft
-from dspark_offline.model.serving import save_serving
+from dspark_offline.model.serving import PROVENANCE_FILE, save_serving
+from dspark_offline.outputs import OutputPathError, check_output_dir
 from dspark_offline.train import checkpoint as ckpt_io
 from dspark_offline.train.dist import select_accelerator
 
 log = logging.getLogger(__name__)
-
-PROVENANCE_FILE = "dspark_offline_export.json"
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -45,8 +44,56 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
+def recorded_weights_hash(meta: dict) -> str | None:
+    """The target weights hash the drafter's features came from: recorded in the checkpoint meta
+    (or export provenance), else read from the store it names while that is still the same store."""
+    from dspark_offline.store import StoreError
+    from dspark_offline.store.reader import read_manifest
+
+    if meta.get("target_weights_hash") or not meta.get("store"):
+        return meta.get("target_weights_hash")
+    try:
+        manifest = read_manifest(meta["store"])
+    except StoreError:
+        return None
+    same = meta.get("store_fingerprint") in (None, manifest.params_fingerprint)
+    return manifest.target.weights_hash if same else None
+
+
+def _check_target(params: Params, meta: dict, checkpoint: Path) -> str | None:
+    """Refuse to export for a target whose weights changed since the dump (`StaleTargetError`)."""
+    from dspark_offline.target.embedded import existing_target_path
+    from dspark_offline.target.fingerprint import check_weights
+
+    recorded = recorded_weights_hash(meta)
+    target_dir = existing_target_path(params.target.path, params.target.cache_dir)
+    if recorded is None or target_dir is None:
+        log.warning("export: target weights not checked (%s)", "no weights hash recorded for "
+                    f"{checkpoint}" if recorded is None else f"{params.target.path} is not available here")
+        return recorded
+    check_weights(target_dir, recorded, f"the feature store {meta.get('store')} this checkpoint was trained on",
+                  allow=params.target.allow_changed_weights)
+    return recorded
+
+
+def check_export_dir(params: Params) -> None:
+    """Refuse an unwritable output, and a non-empty one unless ``export.overwrite``: its
+    config.json may be a user's, and replacing it silently loses it."""
+    out = Path(params.export.output)
+    check_output_dir(out, "export.output")
+    if out.is_dir() and not params.export.overwrite:
+        present = sorted(p.name for p in out.iterdir())
+        if present:
+            shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise OutputPathError(
+                f"export.output={str(out)!r} is not empty ({shown}); pass --overwrite (export.overwrite=true) "
+                "to replace the drafter files there, or choose another directory"
+            )
+
+
 def run(params: Params) -> dict:
     """Export ``params.export.checkpoint`` (or the latest of ``params.train.output_dir``)."""
+    check_export_dir(params)
     if params.export.checkpoint is not None:
         checkpoint = Path(params.export.checkpoint)
     else:
@@ -59,6 +106,7 @@ def run(params: Params) -> dict:
     meta = ckpt_io.read_meta(checkpoint)
     if "draft_config" not in meta:
         raise ckpt_io.CheckpointError(f"{checkpoint}/{ckpt_io.META_FILE}: no 'draft_config' field")
+    weights = _check_target(params, meta, checkpoint)
     cfg = DraftModelConfig(**meta["draft_config"])
     model = DSparkDraft(cfg)
     missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
@@ -69,7 +117,8 @@ def run(params: Params) -> dict:
     dtype = torch.bfloat16 if meta.get("dtype") == "bfloat16" else torch.float32
     out = save_serving(model, params.export.output, dtype=dtype)
     provenance = {"checkpoint": str(checkpoint), "step": meta.get("step"), "store": meta.get("store"),
-                  "store_fingerprint": meta.get("store_fingerprint"), "metrics": meta.get("metrics", {})}
+                  "store_fingerprint": meta.get("store_fingerprint"), "target_weights_hash": weights,
+                  "metrics": meta.get("metrics", {})}
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     log.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     return {"output": str(out), **provenance}

@@ -21,6 +21,7 @@ A tiny CPU run (a store from the tiny profile, `train.max_steps: 5`) takes secon
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -31,14 +32,14 @@ from tqdm.auto import tqdm
 
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft, dspark_loss
-from dspark_offline.store import open_store
-from dspark_offline.train import checkpoint, dist
+from dspark_offline.train import checkpoint, dist, preflight
 from dspark_offline.train.dataset import (
     FeatureDataset,
     ResumableSampler,
     SamplerPosition,
     batch_anchors,
     check_store,
+    check_target_weights,
     collate,
     loader_workers,
     select_samples,
@@ -66,13 +67,18 @@ def run(params: Params) -> dict:
     info = dist.setup()
     import deepspeed  # after dist.setup(): DS_ACCELERATOR must be set before DeepSpeed picks one
 
-    # -- data: store -> compatibility -> filter -> batch math ----------------------------------
-    store = open_store(params.dump.store, complete_only=True)
+    # -- data: store -> compatibility -> filter -> batch math (refusals first: train/preflight.py) --
+    say = functools.partial(_say, main=info.is_main)
+    resume_from = preflight.check_output_dir_for_run(params)
+    store = preflight.open_training_store(params, say)
     cfg = DraftModelConfig.from_manifest(store.manifest, params.draft)
-    resume_from = checkpoint.latest_checkpoint(out_dir) if tc.resume else None
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     check_store(store, params, cfg, resume_meta)
+    _say(check_target_weights(store, params), info.is_main)
+    if resume_meta is not None:
+        preflight.check_resume(resume_meta, params, cfg.to_dict(), resume_from, say)
     usable = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)
+    preflight.check_usable(len(usable), len(store), params, info.world_size)
     indices, val_indices = split_validation(usable, tc.val_samples, tc.seed)
     indices = indices[: tc.max_samples]  # None keeps all
     lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
@@ -81,6 +87,7 @@ def run(params: Params) -> dict:
     _say(f"rank {info.rank}/{info.world_size} on {info.device} ({info.backend}); store {store.path}: "
          f"{len(indices)}/{len(store)} samples to train on{held}; {plan.describe()}", info.is_main)
     if info.is_main and resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
+        # train.overwrite, or only unfinished checkpoints (no meta.json) there: preflight checked
         _say(f"fresh run: removing old checkpoints in {checkpoint.checkpoints_dir(out_dir)}", True)
         shutil.rmtree(checkpoint.checkpoints_dir(out_dir))
     dist.barrier()
@@ -177,6 +184,7 @@ def run(params: Params) -> dict:
             meta = {"step": step, "epoch": pos.epoch, "sampler": pos.as_dict(), "plan": plan.as_dict(),
                     "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
                     "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
+                    "target_weights_hash": store.manifest.target.weights_hash,
                     "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values,
                     "val_metrics": val_values}
             saved = checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
