@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -106,9 +106,76 @@ class GenerateConfig(_Section):
     )
 
 
+# LLM(...) arguments the vLLM backend sets itself (hidden-state extraction needs them as they are).
+VLLM_RESERVED_ARGS = frozenset(
+    {
+        "model", "tokenizer", "dtype", "speculative_config", "kv_transfer_config",
+        "enable_chunked_prefill", "enable_prefix_caching",
+    }
+)
+
+
+class VLLMEngineConfig(_Section):
+    """Settings of the vLLM engine (`dump.backend: vllm`); None = vLLM's own default."""
+
+    enforce_eager: bool | None = Field(
+        None, description="True: no CUDA graphs / torch.compile (start-up in seconds; the dump is prefill "
+        "only, where graphs help little). None = vLLM's default (False)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of GPU memory vLLM may take (weights + KV cache); "
+        "None = vLLM's default (0.9). On vLLM's CPU build it is the fraction of RAM reserved, and "
+        "must be free at start-up."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV-cache size in bytes (the extracted hidden states live there too); "
+        "set, it replaces the sizing by gpu_memory_utilization. None = vLLM's default on CUDA; on CPU "
+        "1 GiB unless gpu_memory_utilization is set (vLLM's CPU default reserves 92 % of the RAM)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="Longest sequence the engine accepts (sizes the KV cache); "
+        "None = the longest sample of the split + 1 (the dump decodes one token per sample)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the target over.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Samples per engine step at most; None = vLLM's default."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Tokens per engine step at most; must be >= max_model_len (every sample is "
+        "one unchunked prefill); None = vLLM's default for that setting."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.LLM / EngineArgs keyword arguments, passed as "
+        "they are (checked against this vLLM's EngineArgs when the engine starts). The arguments the "
+        f"backend sets itself are refused: {', '.join(sorted(VLLM_RESERVED_ARGS))}."
+    )
+
+    @model_validator(mode="after")
+    def _check_extra(self) -> VLLMEngineConfig:
+        taken = sorted(set(self.extra) & (VLLM_RESERVED_ARGS | set(type(self).model_fields)))
+        if taken:
+            raise ValueError(
+                f"dump.vllm.extra sets {taken}: those are set by the backend or have their own "
+                "dump.vllm field; remove them from extra"
+            )
+        return self
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` (fields left at None are not passed)."""
+        fields = self.model_dump(exclude={"extra"}, exclude_none=True)
+        return {**fields, **self.extra}
+
+
 class DumpConfig(_Section):
     store: str = Field("data/features.zarr", description="Feature store path or fsspec URL (Zarr v3).")
-    backend: Literal["hf", "vllm"] = Field("hf", description="Target backend that runs the forward.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Target backend that runs the forward: 'hf' (transformers, CPU or CUDA) or 'vllm' "
+        "(vLLM's hidden-state extraction; CUDA with the `vllm` extra, or CPU with vLLM's CPU build, "
+        "README). Also the engine of `generate`."
+    )
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="vLLM engine settings, used when backend is 'vllm'."
+    )
     layer_ids: list[int] | None = Field(
         None,
         description="Target layers to store, 'dspark' convention (id i = output of decoder layer i "
@@ -304,6 +371,15 @@ class Params(_Section):
         return self
 
 
+def _merge(into: dict, new: dict) -> None:
+    """Field by field: nested mappings (a section, `dump.vllm`) merge, anything else replaces."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def _section_fields(loc: tuple) -> list[str]:
     """Known field names at the location of an error (for 'did you mean')."""
     model: type[BaseModel] = Params
@@ -339,7 +415,8 @@ def load_params(
     paths: str | Path | list[str | Path] | None = None, overrides: dict | None = None
 ) -> Params:
     """Load params files (later files override earlier ones, field by field within a section;
-    no file = all defaults), then apply dotted `section.field` overrides, and validate once.
+    no file = all defaults), then apply dotted `section.field` (or `section.sub.field`) overrides,
+    and validate once.
 
     A file that is not a YAML mapping, or repeats a key, raises `ParamsError` naming it; invalid
     values raise pydantic's `ValidationError` (`describe_validation_error` puts it on one line).
@@ -350,14 +427,13 @@ def load_params(
         paths = [paths]
     data: dict = {}
     for path in paths:
-        for section, fields in read_params_file(path).items():
-            if isinstance(fields, dict) and isinstance(data.get(section), dict):
-                data[section].update(fields)
-            else:
-                data[section] = fields
+        _merge(data, read_params_file(path))
     for key, value in (overrides or {}).items():
-        section, _, field = key.partition(".")
-        if not isinstance(data.get(section, {}), dict):
-            raise ParamsError(f"{key}: section {section!r} of the params file is not a mapping")
-        data.setdefault(section, {})[field] = value
+        *parents, field = key.split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"{key}: section {name!r} of the params file is not a mapping")
+        node[field] = value
     return Params.model_validate(data)

