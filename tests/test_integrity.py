@@ -68,20 +68,17 @@ def store(pristine, tmp_path) -> Path:
     return Path(shutil.copytree(pristine, tmp_path / "features.zarr"))
 
 
+# Two optimizer steps of a tiny drafter, saved at the end: enough to exercise every check.
+TINY_TRAIN = {"max_steps": 2, "micro_batch_size": 2, "num_anchors": 8, "save_every": 2, "dtype": "float32",
+              "warmup_ratio": 0.0}
+
+
 def train_params(store: Path, out: Path, **over) -> Path:
     p = {
         "target": {"path": TARGET_NAME},
         "dump": {"store": str(store), "layer_ids": [1, 3]},
         "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
-        "train": {
-            "output_dir": str(out),
-            "max_steps": 2,
-            "micro_batch_size": 2,
-            "num_anchors": 8,
-            "save_every": 2,
-            "dtype": "float32",
-            "warmup_ratio": 0.0,
-        },
+        "train": {"output_dir": str(out), **TINY_TRAIN},
     }
     for key, value in over.items():
         section, field = key.split(".")
@@ -359,16 +356,7 @@ def pipeline(tmp_path_factory, tiny_llama_dir):
                 "batch_tokens": 256,
             },
             "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
-            "train": {
-                "output_dir": str(root / "run"),
-                "max_steps": 2,
-                "micro_batch_size": 2,
-                "num_anchors": 8,
-                "save_every": 2,
-                "dtype": "float32",
-                "warmup_ratio": 0.0,
-                "val_samples": 0,
-            },
+            "train": {"output_dir": str(root / "run"), **TINY_TRAIN, "val_samples": 0},
             "export": {"output": str(root / "run" / "drafter")},
             "evaluate": {
                 "num_prompts": 1,

@@ -46,6 +46,15 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _converted_dir(src: Path, cache_dir: str | None) -> Path:
+    """Where the GGUF ``src`` is converted to (named by its digest), whether or not it is there yet."""
+    return cache_root(cache_dir) / f"smollm2-135m-instruct-{_file_digest(src)}"
+
+
+def _is_converted(out: Path) -> bool:
+    return (out / "config.json").exists() and (out / ".complete").exists()
+
+
 def existing_target_path(path: str, cache_dir: str | None = None) -> Path | None:
     """The local HF directory of `params.target.path` when it is already there, else None; never
     converts (for checks by stages that do not need the target itself, e.g. `train`)."""
@@ -56,8 +65,8 @@ def existing_target_path(path: str, cache_dir: str | None = None) -> Path | None
         src = gguf_path()
     except (RuntimeError, FileNotFoundError):
         return None
-    out = cache_root(cache_dir) / f"smollm2-135m-instruct-{_file_digest(src)}"
-    return out if (out / "config.json").exists() and (out / ".complete").exists() else None
+    out = _converted_dir(src, cache_dir)
+    return out if _is_converted(out) else None
 
 
 def resolve_target_path(path: str, cache_dir: str | None = None) -> Path:
@@ -68,8 +77,8 @@ def resolve_target_path(path: str, cache_dir: str | None = None) -> Path:
             raise FileNotFoundError(f"target.path={path!r}: not a Hugging Face model directory (no config.json)")
         return p
     src = gguf_path()
-    out = cache_root(cache_dir) / f"smollm2-135m-instruct-{_file_digest(src)}"
-    if (out / "config.json").exists() and (out / ".complete").exists():
+    out = _converted_dir(src, cache_dir)
+    if _is_converted(out):
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -86,6 +86,18 @@ def check_weights(target_dir: str | Path, recorded: str, made: str, *, allow: bo
     return now
 
 
+def check_local_weights(target_cfg, recorded: str, made: str) -> tuple[Path | None, str]:
+    """`check_weights` for ``params.target`` when its directory is on this machine (never converts
+    the embedded target). -> (the directory or None when absent, the current hash or `recorded`
+    when not checked)."""
+    from dspark_offline.target.embedded import existing_target_path
+
+    target_dir = existing_target_path(target_cfg.path, target_cfg.cache_dir)
+    if target_dir is None:
+        return None, recorded
+    return target_dir, check_weights(target_dir, recorded, made, allow=target_cfg.allow_changed_weights)
+
+
 def tokenizer_hashes(tokenizer) -> tuple[str, str]:
     """``(tokenizer_hash, chat_template_hash)``, 16 hex chars each.
 

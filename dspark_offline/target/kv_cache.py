@@ -45,8 +45,12 @@ class GrowingLayer(DynamicLayer):
         self._k[..., self._len : self._len + n, :] = key_states
         self._v[..., self._len : self._len + n, :] = value_states
         self._len += n
-        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        self._expose()
         return self.keys, self.values
+
+    def _expose(self) -> None:
+        """keys/values: views of the filled part of the buffers."""
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
 
     def get_seq_length(self) -> int:
         return self._len if self.is_initialized else 0
@@ -57,18 +61,18 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized or tokens_to_remove == 0:
             return
         self._len = max(self._len + tokens_to_remove, 0)
-        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+            self._expose()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
             self._k = self._k.repeat_interleave(repeats, dim=0)
             self._v = self._v.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+            self._expose()
 
     def reset(self) -> None:
         self._k = self._v = None

@@ -99,31 +99,6 @@ def check_store(store: Any, params: Any, draft_cfg: Any, resume_meta: dict | Non
         )
 
 
-def check_target_weights(store: Any, params: Any) -> str:
-    """Refuse a target whose weights changed since the dump (`StaleTargetError`); returns a line
-    saying what was checked.
-
-    Training reads only the store (features and the head copy), so a changed target does not
-    change what is trained; but the drafter is trained for, exported with and served beside the
-    target at ``target.path``, so its weights must still be the ones the features came from.
-    Checked when the target directory is on this machine (the hash reads ~1 MiB per weight
-    file); a store trained on a machine without the target is checked again by export/evaluate.
-    """
-    from dspark_offline.target.embedded import existing_target_path
-    from dspark_offline.target.fingerprint import check_weights
-
-    recorded = store.manifest.target.weights_hash
-    target_dir = existing_target_path(params.target.path, params.target.cache_dir)
-    if target_dir is None:
-        return (f"target weights not checked: {params.target.path} is not a local model directory here "
-                "(export and evaluate check them)")
-    now = check_weights(target_dir, recorded, f"the feature store {store.path}",
-                        allow=params.target.allow_changed_weights)
-    if now != recorded:
-        return f"target weights changed since the dump ({recorded} -> {now}), accepted: target.allow_changed_weights"
-    return f"target weights unchanged since the dump (weights_hash {now})"
-
-
 def _probe_first_sample(store: Any, need_final_hidden: bool) -> None:
     """Read sample 0 and check its arrays against the manifest, so a store whose arrays are
     missing or malformed fails before step 1 rather than at some later batch."""

@@ -62,17 +62,15 @@ def recorded_weights_hash(meta: dict) -> str | None:
 
 def _check_target(params: Params, meta: dict, checkpoint: Path) -> str | None:
     """Refuse to export for a target whose weights changed since the dump (`StaleTargetError`)."""
-    from dspark_offline.target.embedded import existing_target_path
-    from dspark_offline.target.fingerprint import check_weights
+    from dspark_offline.target.fingerprint import check_local_weights
 
     recorded = recorded_weights_hash(meta)
-    target_dir = existing_target_path(params.target.path, params.target.cache_dir)
-    if recorded is None or target_dir is None:
-        log.warning("export: target weights not checked (%s)", "no weights hash recorded for "
-                    f"{checkpoint}" if recorded is None else f"{params.target.path} is not available here")
-        return recorded
-    check_weights(target_dir, recorded, f"the feature store {meta.get('store')} this checkpoint was trained on",
-                  allow=params.target.allow_changed_weights)
+    if recorded is None:
+        log.warning("export: target weights not checked (no weights hash recorded for %s)", checkpoint)
+        return None
+    made = f"the feature store {meta.get('store')} this checkpoint was trained on"
+    if check_local_weights(params.target, recorded, made)[0] is None:
+        log.warning("export: target weights not checked (%s is not available here)", params.target.path)
     return recorded
 
 

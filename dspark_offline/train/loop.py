@@ -39,7 +39,6 @@ from dspark_offline.train.dataset import (
     SamplerPosition,
     batch_anchors,
     check_store,
-    check_target_weights,
     collate,
     loader_workers,
     select_samples,
@@ -74,7 +73,7 @@ def run(params: Params) -> dict:
     cfg = DraftModelConfig.from_manifest(store.manifest, params.draft)
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
     check_store(store, params, cfg, resume_meta)
-    _say(check_target_weights(store, params), info.is_main)
+    say(preflight.check_target_weights(store, params))
     if resume_meta is not None:
         preflight.check_resume(resume_meta, params, cfg.to_dict(), resume_from, say)
     usable = select_samples(store, tc.max_length, tc.min_loss_tokens, progress=info.is_main)

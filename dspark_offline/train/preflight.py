@@ -125,3 +125,25 @@ def check_resume(meta: dict, params: Params, draft_config: dict, resume_from: Pa
             "values (the LR schedule is then recomputed from this run's plan)"
         )
     say(f"WARNING: resuming with changed params ({listing}) (train.allow_param_change)")
+
+
+def check_target_weights(store: FeatureStore, params: Params) -> str:
+    """Refuse a target whose weights changed since the dump (`StaleTargetError`); returns a line
+    saying what was checked.
+
+    Training reads only the store (features and the head copy), so a changed target does not
+    change what is trained; but the drafter is trained for, exported with and served beside the
+    target at ``target.path``, so its weights must still be the ones the features came from.
+    Checked when the target directory is on this machine (the hash reads ~1 MiB per weight
+    file); a store trained on a machine without the target is checked again by export/evaluate.
+    """
+    from dspark_offline.target.fingerprint import check_local_weights
+
+    recorded = store.manifest.target.weights_hash
+    target_dir, now = check_local_weights(params.target, recorded, f"the feature store {store.path}")
+    if target_dir is None:
+        return (f"target weights not checked: {params.target.path} is not a local model directory here "
+                "(export and evaluate check them)")
+    if now != recorded:
+        return f"target weights changed since the dump ({recorded} -> {now}), accepted: target.allow_changed_weights"
+    return f"target weights unchanged since the dump (weights_hash {now})"
