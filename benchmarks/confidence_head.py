@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def collect(model, store, indices, tc, micro: int):
     """(features [n, H+r], targets [n], weights [n]) of all supervised slots, fixed anchors."""
     from dspark_offline.model.loss import confidence_examples
-    from dspark_offline.train.dataset import FeatureDataset, batch_anchors, collate
+    from dspark_offline.train.anchors import batch_anchors
+    from dspark_offline.train.dataset import FeatureDataset, collate
     from dspark_offline.train.validate import ANCHOR_STEP
 
     ds = FeatureDataset(store, indices, tc.max_length)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     from dspark_offline.config import load_params
     from dspark_offline.model.serving import load_serving
     from dspark_offline.store import open_store
-    from dspark_offline.train.dataset import select_samples
+    from dspark_offline.train.selection import select_samples
     from dspark_offline.train.validate import split_validation
 
     params = load_params(args.params or ["params.yaml"], [])

@@ -161,7 +161,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from dspark_offline.cli import build_params
     from dspark_offline.evaluate.drafter import load_drafter
-    from dspark_offline.evaluate.target import TargetSession, load_target
+    from dspark_offline.evaluate.target import TargetSession
+    from dspark_offline.target.loader import load_target
 
     params = build_params([Path(p) for p in args.params] if args.params else None, None)
     target = load_target(params.target)

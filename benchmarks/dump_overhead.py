@@ -19,7 +19,7 @@ Printed ratios (target: dump / bare <= 1.10):
   which cancels most machine-load drift on a shared host.
 
 Repeats alternate dump and bare so machine-load drift hits both; the minimum of each is used.
-Prepared data is created once under ``--workdir`` with ``dspark_offline.data.prepare`` (the
+Prepared data is created once under ``--workdir`` with ``dspark_offline.prepare`` (the
 embedded ShareGPT by default) and reused when it already holds the requested sample count.
 
 CPU: ``OMP_NUM_THREADS=1 python benchmarks/dump_overhead.py`` (~1-2 min for 32 samples).
@@ -75,7 +75,7 @@ def make_params(args: argparse.Namespace, workdir: Path):
 
 
 def ensure_prepared(params) -> None:
-    from dspark_offline.data import prepare
+    from dspark_offline import prepare
     from dspark_offline.data.errors import PreparedDataError
     from dspark_offline.data.prepared import PreparedSplit
 
@@ -121,8 +121,8 @@ def timed_bare(params, batches: list) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from dspark_offline.target.device import resolve_device, resolve_dtype
     from dspark_offline.target.embedded import resolve_target_path
-    from dspark_offline.target.hf_backend import resolve_device, resolve_dtype
 
     t0 = time.perf_counter()
     device = resolve_device(params.target.device)

@@ -54,7 +54,7 @@ def main() -> None:
     from dspark_offline.evaluate.target import target_decode
     from dspark_offline.generate.decode import decode_batch
     from dspark_offline.generate.stops import resolve_stop_ids
-    from dspark_offline.target.hf_backend import load_target
+    from dspark_offline.target.loader import load_target
 
     args = parse_args()
     target = load_target(TargetConfig(path=args.target))

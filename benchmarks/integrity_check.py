@@ -83,7 +83,7 @@ def measure(
     import torch
 
     from dspark_offline.evaluate.provenance import spot_check_layers
-    from dspark_offline.target.hf_backend import load_model
+    from dspark_offline.target.loader import load_model
 
     model, _ = load_model(target_dir, torch.float32, torch.device("cpu"))
     store = open_store(store_path)

@@ -81,7 +81,7 @@ def compare(model, batch: int, context: int, new: int, repeats: int) -> dict:
 
 def main(argv=None) -> None:
     from dspark_offline.cli import build_params
-    from dspark_offline.target.hf_backend import load_target
+    from dspark_offline.target.loader import load_target
 
     args = parse_args(argv)
     target = load_target(build_params(args.params, None).target)

@@ -188,7 +188,8 @@ def target_reference(params, store):
 def score_drafter(model, store, indices, tc, ks: list[int], reference=None) -> tuple[dict, tuple]:
     """All held-out slots' values (`slot_values`, concatenated) and the first batch (for timing).
     `reference`: batch -> reference final_hidden (`target_reference`), None = the stored one."""
-    from dspark_offline.train.dataset import FeatureDataset, batch_anchors, collate
+    from dspark_offline.train.anchors import batch_anchors
+    from dspark_offline.train.dataset import FeatureDataset, collate
     from dspark_offline.train.validate import ANCHOR_STEP
 
     ds = FeatureDataset(store, indices, tc.max_length)
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     from dspark_offline.model import DSparkDraft
     from dspark_offline.model.serving import load_serving
     from dspark_offline.store import open_store
-    from dspark_offline.train.dataset import select_samples
+    from dspark_offline.train.selection import select_samples
     from dspark_offline.train.validate import split_validation
     from dspark_offline.train.vocab import training_vocabulary
 

@@ -125,8 +125,8 @@ def table(results: dict[str, dict]) -> str:
 def ensure_prepared(args: argparse.Namespace, workdir: Path) -> str:
     if args.prepared:
         return args.prepared
+    from dspark_offline import prepare
     from dspark_offline.config import Params
-    from dspark_offline.data import prepare
 
     out = workdir / "prepared"
     if not (out / "meta.json").exists():

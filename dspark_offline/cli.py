@@ -1,8 +1,10 @@
 """The `dspark-offline` command line.
 
 Each command builds a `Params` (params file + `--set section.field=value` overrides + its own
-options) and makes one library call; heavy imports happen inside the commands so `--help` is
-instant. Every stage is therefore also a plain library call: `dspark_offline.<stage>.run(params)`.
+options) and makes one library call, the stage's `run(params)`, imported by name inside the command
+(after `_setup_process`, and so that `--help` is instant). Every stage is therefore also a plain
+library call: `dspark_offline.{prepare,generate,dump,evaluate}.run(params)`,
+`dspark_offline.train.loop.run(params)` and `dspark_offline.train.export.run(params)`.
 """
 
 from __future__ import annotations
@@ -71,15 +73,12 @@ def build_params(params_files: list[Path] | None, sets: list[str] | None, **opti
         raise CliError(str(e)) from e
 
 
-def _run_stage(module: str, params: Params):
-    """Set up the process, then make the command's one library call `<module>.run(params)`
-    (imported here so `--help` stays instant)."""
-    import importlib
-
+def _setup_process() -> None:
+    """Process settings every stage needs before its heavy imports (transformers, torch): call it
+    first, then import the stage's `run`."""
     from dspark_offline.entry import setup_process_env
 
     setup_process_env()
-    return importlib.import_module(module).run(params)
 
 
 @app.command()
@@ -94,7 +93,10 @@ def prepare(
     p = build_params(
         params, set_, **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples}
     )
-    _run_stage("dspark_offline.data.prepare", p)
+    _setup_process()
+    from dspark_offline.prepare import run
+
+    run(p)
 
 
 @app.command()
@@ -121,7 +123,10 @@ def generate(
             "generate.batch_size": batch_size,
         },
     )
-    _run_stage("dspark_offline.generate", p)
+    _setup_process()
+    from dspark_offline.generate import run
+
+    run(p)
 
 
 @app.command()
@@ -140,7 +145,10 @@ def dump(
         set_,
         **{"dump.store": store, "dump.num_parts": num_parts, "dump.part_index": part_index, "dump.overwrite": overwrite},
     )
-    _run_stage("dspark_offline.dump", p)
+    _setup_process()
+    from dspark_offline.dump import run
+
+    run(p)
 
 
 @app.command()
@@ -181,7 +189,10 @@ def train(
             "train.allow_partial_store": allow_partial_store,
         },
     )
-    _run_stage("dspark_offline.train.loop", p)
+    _setup_process()
+    from dspark_offline.train.loop import run
+
+    run(p)
 
 
 @app.command()
@@ -199,7 +210,10 @@ def export(
     p = build_params(
         params, set_, **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite}
     )
-    _run_stage("dspark_offline.train.export", p)
+    _setup_process()
+    from dspark_offline.train.export import run
+
+    run(p)
 
 
 @app.command()
@@ -226,14 +240,18 @@ def evaluate(
             "evaluate.temperature": temperature,
         },
     )
-    result = _run_stage("dspark_offline.evaluate", p)
+    _setup_process()
+    from dspark_offline.evaluate import run
+
+    result = run(p)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
 @app.command()
 def inspect(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
     """Print the store manifest and per-part counts (samples, tokens, bytes/token, completeness)."""
-    from dspark_offline.store.inspect import format_inspect, inspect as inspect_store
+    from dspark_offline.store.inspect import format_inspect
+    from dspark_offline.store.inspect import inspect as inspect_store
 
     typer.echo(format_inspect(inspect_store(store)))
 

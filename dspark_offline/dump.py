@@ -12,6 +12,7 @@ turn. CPU smoke run: `dspark-offline dump` with the embedded defaults.
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,8 @@ from dspark_offline import __version__
 from dspark_offline.config import Params, ParamsError
 from dspark_offline.outputs import check_output_dir
 from dspark_offline.store.background import BackgroundWriter
-from dspark_offline.store.lock import part_locks
 from dspark_offline.store.dtypes import storage_dtype, to_storage
+from dspark_offline.store.lock import part_locks
 from dspark_offline.store.manifest import (
     ArrayDtypes,
     BackendInfo,
@@ -38,6 +39,7 @@ from dspark_offline.store.manifest import (
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
 from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, part_name, plan_part
 from dspark_offline.store.writer import PartState, open_part, open_store_for_write
+from dspark_offline.target.backend import TargetBackend, TargetBackendClass
 from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
 
 SPLIT = "train"
@@ -152,7 +154,7 @@ def _batches(lengths: np.ndarray, batch_tokens: int) -> list[range]:
     return out
 
 
-def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar) -> dict:
+def _compute_shard(target: TargetBackend, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar) -> dict:
     """Run the target over one shard's samples; return its arrays in storage dtypes (gaps 0)."""
     plan, width = state.plan, shard.stop - shard.start
     bufs = {
@@ -179,26 +181,30 @@ def _compute_shard(target, split, state: PartState, shard: ShardPlan, batch_toke
     return bufs
 
 
-def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest: int):
-    """The backend named by `dump.backend` (vLLM is imported only inside its module: optional extra)."""
+def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest: int) -> TargetBackend:
+    """The backend named by `dump.backend`, built through the constructor both share
+    (`target.backend.TargetBackendClass`); vLLM is imported only inside its module (optional extra)."""
     cfg = params.dump
-    common = dict(
-        layer_ids=layer_ids,
-        top_k=cfg.top_k,
-        store_final_hidden=cfg.store_final_hidden,
-        dtype=params.target.dtype,
-        device=params.target.device,
-    )
+    backend: TargetBackendClass
     if cfg.backend == "vllm":
         from dspark_offline.target.vllm_backend import VLLMTarget
 
         engine = cfg.vllm.engine_kwargs()
         engine.setdefault("max_model_len", longest + 1)  # one prefill + the one token vLLM decodes
         _say(f"vLLM engine arguments (dump.vllm): {engine}")
-        return VLLMTarget(target_dir, **common, engine_kwargs=engine)
-    from dspark_offline.target.hf_backend import HFTarget
+        backend = functools.partial(VLLMTarget, engine_kwargs=engine)
+    else:
+        from dspark_offline.target.hf_backend import HFTarget
 
-    return HFTarget(target_dir, **common)
+        backend = HFTarget
+    return backend(
+        target_dir,
+        layer_ids=layer_ids,
+        top_k=cfg.top_k,
+        store_final_hidden=cfg.store_final_hidden,
+        dtype=params.target.dtype,
+        device=params.target.device,
+    )
 
 
 def run(params: Params) -> str:
@@ -248,7 +254,9 @@ def _dump(params: Params, parts: list[int]) -> None:
         target.close()
 
 
-def _dump_with(params: Params, target, split, layer_ids: list[int], longest: int, parts: list[int]) -> None:
+def _dump_with(
+    params: Params, target: TargetBackend, split, layer_ids: list[int], longest: int, parts: list[int]
+) -> None:
     cfg = params.dump
     prepared = params.train_data_dir()
     info = target.info
@@ -298,7 +306,7 @@ def _storage_errors(store: str):
         ) from e
 
 
-def _write(params: Params, target, split, manifest: Manifest, plans: list[PartPlan]) -> None:
+def _write(params: Params, target: TargetBackend, split, manifest: Manifest, plans: list[PartPlan]) -> None:
     """Create or resume the store and its parts, then compute and write every pending shard."""
     cfg = params.dump
     parts = [plan.index for plan in plans]

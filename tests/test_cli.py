@@ -29,7 +29,7 @@ def capture(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "argv, module, expected",
     [
-        (["prepare", "--num-samples", "12", "--source", "x.jsonl"], "dspark_offline.data.prepare",
+        (["prepare", "--num-samples", "12", "--source", "x.jsonl"], "dspark_offline.prepare",
          {"prepare": {"num_samples": 12, "source": "x.jsonl"}}),
         (["generate", "--max-new-tokens", "32", "--output", "g", "--temperature", "0.5", "--batch-size", "4",
           "-S", "generate.enabled=true"], "dspark_offline.generate",

@@ -10,8 +10,8 @@ import pytest
 
 from dspark_offline.config import Params
 from dspark_offline.data.errors import EmptySelectionError, PreparedDataError, SourceError
-from dspark_offline.data.prepare import FewerSamplesWarning, run
 from dspark_offline.data.prepared import PreparedSplit
+from dspark_offline.prepare import FewerSamplesWarning, run
 
 
 def _conv(i: int) -> list[tuple[str, str]]:

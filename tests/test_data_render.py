@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark_offline.data.render import (
-    RenderSkip,
-    chat_template_hash,
-    load_tokenizer,
-    render_conversation,
-    tokenizer_hash,
-)
+from dspark_offline.data.render import RenderSkip, load_tokenizer, render_conversation
+from dspark_offline.target.fingerprint import tokenizer_hashes
 
 CONV = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -113,10 +108,10 @@ def test_template_without_end_of_turn_token_is_a_template_mismatch(tok):
 
 def test_hashes_are_stable_and_sensitive(tok):
     other = _copy(tok)
-    assert tokenizer_hash(tok) == tokenizer_hash(other)
-    assert chat_template_hash(tok) == chat_template_hash(other)
+    assert tokenizer_hashes(tok) == tokenizer_hashes(other)
     other.chat_template = other.chat_template + " "
-    assert chat_template_hash(tok) != chat_template_hash(other)
+    assert tokenizer_hashes(tok)[0] == tokenizer_hashes(other)[0]
+    assert tokenizer_hashes(tok)[1] != tokenizer_hashes(other)[1]
 
 
 def test_template_that_rejects_a_conversation_is_a_template_mismatch(tok):

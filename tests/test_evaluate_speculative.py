@@ -17,9 +17,10 @@ from dspark_offline.evaluate.lossless import LosslessnessError, check_lossless
 from dspark_offline.evaluate.proposal import Proposal
 from dspark_offline.evaluate.report import EvalTally
 from dspark_offline.evaluate.speculative import RoundStats, speculative_decode
-from dspark_offline.evaluate.target import TargetSession, stop_token_ids, target_decode
+from dspark_offline.evaluate.target import TargetSession, target_decode
 from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import save_serving
+from dspark_offline.target.loader import stop_token_ids
 
 BLOCK = 4
 MESSAGES = [

@@ -293,7 +293,7 @@ def prepared_with_skips(base, tiny_llama_dir) -> dict:
     lines = [json.dumps(g) for g in GOOD] + list(BAD_RECORDS.values())
     source.write_text("\n".join(lines) + "\n")
     from dspark_offline.config import load_params
-    from dspark_offline.data.prepare import run
+    from dspark_offline.prepare import run
 
     params = load_params(None, {"target.path": str(tiny_llama_dir), "prepare.source": str(source),
                                 "prepare.output": str(base / "mixed_prepared"), "prepare.num_samples": 4,

@@ -7,7 +7,7 @@ import torch
 from benchmark_script import load_benchmark
 
 from dspark_offline.target.attention import ATTENTION
-from dspark_offline.target.hf_backend import load_model
+from dspark_offline.target.loader import load_model
 
 
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen3_dir"])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark_offline.target.hf_backend import HFTarget, TargetOutput
+from dspark_offline.target.backend import TargetBackend, TargetOutput
+from dspark_offline.target.hf_backend import HFTarget
 from dspark_offline.target.layers import LayerIdError, dspark_to_hf_hidden_index
 
 K = 16
@@ -81,7 +82,7 @@ def test_forward_matches_hf(tiny_dir, dtype):
 
     valid = mask.bool()
     # fp32: exact up to fp32 rounding; bf16: HF's logits are bf16-rounded, ours fp32 (finer)
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == "float32" else dict(rtol=3e-2, atol=1e-6)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == "float32" else {"rtol": 3e-2, "atol": 1e-6}
     assert_topk_matches(out.topk_ids[valid], out.topk_probs[valid], ref.logits[valid], **tol)
     assert (out.topk_probs[~valid] == 0).all() and (out.topk_ids[~valid] == 0).all()
 
@@ -108,6 +109,7 @@ def test_store_final_hidden_false(tiny_llama_dir):
     target = HFTarget(tiny_llama_dir, layer_ids=[2], top_k=4, store_final_hidden=False, device="cpu")
     out = target.forward(torch.tensor([[5, 6, 7]]), torch.ones(1, 3))
     assert out.final_hidden is None and out.hidden.shape == (1, 3, 1, 64)
+    assert isinstance(target, TargetBackend)  # every member dump uses is there
 
 
 def test_info_and_head_weights(tiny_llama_dir, tiny_qwen3_dir):
@@ -140,12 +142,15 @@ def test_info_and_head_weights(tiny_llama_dir, tiny_qwen3_dir):
 
 
 def test_invalid_inputs_are_clear_errors(tiny_llama_dir):
+    """Layer ids and top_k are checked where they are used (`dump` checks both against the target's
+    config before loading it): by the layer hooks and the top-k at the first forward."""
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3)
     with pytest.raises(LayerIdError, match=r"\[7\] out of range.*num_hidden_layers=4"):
-        HFTarget(tiny_llama_dir, layer_ids=[1, 7], device="cpu")
+        HFTarget(tiny_llama_dir, layer_ids=[1, 7], device="cpu").forward(ids, mask)
     with pytest.raises(LayerIdError, match="empty"):
-        HFTarget(tiny_llama_dir, layer_ids=[], device="cpu")
+        HFTarget(tiny_llama_dir, layer_ids=[], device="cpu").forward(ids, mask)
     with pytest.raises(ValueError, match=r"top_k=0"):
-        HFTarget(tiny_llama_dir, layer_ids=[1], top_k=0, device="cpu")
+        HFTarget(tiny_llama_dir, layer_ids=[1], top_k=0, device="cpu").forward(ids, mask)
     with pytest.raises(ValueError, match=r"dtype='half'"):
         HFTarget(tiny_llama_dir, layer_ids=[1], dtype="half", device="cpu")
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from dspark_offline.generate.decode import decode_batch
-from dspark_offline.target.hf_backend import load_model
 from dspark_offline.target.kv_cache import MIN_CAPACITY, GrowingLayer, growing_cache
+from dspark_offline.target.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ from dspark_offline.model import DraftModelConfig, DSparkDraft
 from dspark_offline.model.serving import load_serving
 from dspark_offline.store import StoreIntegrityError, StoreMismatchError, open_store
 from dspark_offline.train import checkpoint
-from dspark_offline.train.dataset import FeatureDataset, SampleReadError, select_samples
+from dspark_offline.train.dataset import FeatureDataset, SampleReadError
 from dspark_offline.train.export import consolidated_state_dict
 from dspark_offline.train.export import run as export_run
 from dspark_offline.train.loop import run as train_run
 from dspark_offline.train.metrics import read_tsv
+from dspark_offline.train.selection import select_samples
 from dspark_offline.train.validate import Validator, split_validation
 
 
@@ -191,11 +192,13 @@ def test_export_round_trip_gives_the_trained_logits(store, tmp_path):
     s = fs.sample(0)
     anchors = torch.tensor([[2, 5, 9]])  # [1, A]
     keep = torch.ones_like(anchors, dtype=torch.bool)
+    block_ids = torch.full((1, 3, cfg.block_size), cfg.mask_token_id)  # [1, A, B]: [x[a], MASK, ...]
+    block_ids[0, :, 0] = s.input_ids[anchors[0]]
     with torch.no_grad():
         logits = []
         for model in (trained.eval(), served):
             out = model(s.input_ids[None], s.hidden[None], anchors, keep)  # hidden [1, A, B, H]
-            logits.append(model.block_logits(out.hidden, out.block_ids))  # [1, A, B, V]
+            logits.append(model.block_logits(out.hidden, block_ids))  # [1, A, B, V]
     assert torch.equal(logits[0], logits[1])
 
 

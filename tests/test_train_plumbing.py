@@ -15,18 +15,13 @@ import torch
 from dspark_offline.config import TrainConfig
 from dspark_offline.model.loss import confidence_skill
 from dspark_offline.train import checkpoint, dist
-from dspark_offline.train.dataset import (
-    FeatureDataset,
-    ResumableSampler,
-    SampleReadError,
-    SamplerPosition,
-    batch_anchors,
-    collate,
-    select_samples,
-)
+from dspark_offline.train.anchors import batch_anchors
+from dspark_offline.train.dataset import FeatureDataset, SampleReadError, collate
 from dspark_offline.train.ds_config import BatchPlanError, deepspeed_config, plan_batches
 from dspark_offline.train.metrics import COLUMNS, MetricsSink, pool_metrics, pool_step_metrics, read_tsv
+from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
 from dspark_offline.train.schedule import WarmupCosine, warmup_steps_for
+from dspark_offline.train.selection import select_samples
 from dspark_offline.train.validate import ValidationSplitError, split_validation
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,13 +44,11 @@ class RenderedSample:
     full_length: int  # tokens before truncation
 
 
-def load_tokenizer(target_path: str, cache_dir: str | None = None) -> Any:
-    """The target's fast tokenizer (offset mapping is needed for the mask), with a chat template."""
+def load_tokenizer(path: str | Path) -> Any:
+    """The fast tokenizer (offset mapping is needed for the mask), with a chat template, of the
+    local model directory ``path`` (`prepare` resolves the embedded target to one)."""
     from transformers import AutoTokenizer
 
-    from dspark_offline.target.embedded import resolve_target_path
-
-    path = resolve_target_path(target_path, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
@@ -58,24 +57,6 @@ def load_tokenizer(target_path: str, cache_dir: str | None = None) -> Any:
     if not tokenizer.chat_template:
         raise DataError(f"{path}: the tokenizer has no chat template")
     return tokenizer
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """Hash of the whole tokenizer definition (vocab, merges, normaliser, added tokens).
-
-    One definition for the whole project: `target.fingerprint` computes the hashes the dump
-    puts in the store manifest and compares with our meta.json, so we delegate to it.
-    """
-    from dspark_offline.target.fingerprint import tokenizer_hashes
-
-    return tokenizer_hashes(tokenizer)[0]
-
-
-def chat_template_hash(tokenizer: Any) -> str:
-    """Hash of the chat template text (all named templates when it is a dict)."""
-    from dspark_offline.target.fingerprint import tokenizer_hashes
-
-    return tokenizer_hashes(tokenizer)[1]
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern:

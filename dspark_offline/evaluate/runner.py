@@ -40,8 +40,9 @@ from dspark_offline.evaluate.report import (
     write_per_slot,
 )
 from dspark_offline.evaluate.speculative import speculative_decode
-from dspark_offline.evaluate.target import load_target, target_decode
+from dspark_offline.evaluate.target import target_decode
 from dspark_offline.outputs import check_output_file
+from dspark_offline.target.loader import load_target
 
 
 class PromptTooLongError(ValueError):

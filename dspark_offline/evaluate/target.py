@@ -1,5 +1,7 @@
 """The HF target during evaluation: a KV-cached session with layer capture, plain decode.
 
+The target is loaded by the one loader, ``dspark_offline.target.loader.load_target``.
+
 The plain decode (`target_decode`) is both the speed baseline ("without speculation") and, at
 T = 0, the losslessness reference: one token per forward with a KV cache, exactly what a user of
 the target alone would run.
@@ -12,9 +14,6 @@ from torch import nn
 
 from dspark_offline.target.capture import capture_layers
 from dspark_offline.target.kv_cache import growing_cache
-
-# The loader is shared with `generate` and lives with the HF backend; re-exported for callers here.
-from dspark_offline.target.hf_backend import LoadedTarget, load_target, stop_token_ids  # noqa: F401
 
 
 class TargetSession:

@@ -30,7 +30,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, target_cfg: TargetConfig, cfg: GenerateConfig):
-        from dspark_offline.target.hf_backend import load_target
+        from dspark_offline.target.loader import load_target
 
         self.cfg = cfg
         target = load_target(target_cfg)

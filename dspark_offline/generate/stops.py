@@ -61,7 +61,7 @@ def _token_id(tokenizer, entry: int | str, vocab_size: int) -> int:
 
 
 def resolve_stop_ids(model_eos: frozenset[int], tokenizer, extra: list[int | str], vocab_size: int) -> StopIds:
-    """model_eos: `hf_backend.stop_token_ids` (generation config / tokenizer EOS)."""
+    """model_eos: `target.loader.stop_token_ids` (generation config / tokenizer EOS)."""
     eos = set(model_eos)
     eot = end_of_turn_id(tokenizer)
     if eot is not None:

@@ -8,7 +8,9 @@ after the token is appended, so ``outputs[0].token_ids`` ends with it, as in the
 vLLM schedules the whole chunk itself (continuous batching), so `generate.batch_size` is unused.
 Each prompt gets its own ``seed`` derived from (generate.seed, sample_id). vLLM's greedy output
 is not promised to be batch-invariant, so a resumed run may differ from an uninterrupted one
-in near-tie tokens; chunks are still never mixed across different params.
+in near-tie tokens; chunks are still never mixed across different params. ``target.device`` and
+``target.dtype`` resolve as for the vLLM dump backend (``target/device.py``): the device the
+installed vLLM build runs on, bfloat16 on CUDA and float32 on CPU for 'auto'.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ class VLLMEngine:
             ) from None
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+        from dspark_offline.target.device import resolve_dtype, resolve_vllm_device
         from dspark_offline.target.embedded import resolve_target_path
+        from dspark_offline.target.vllm_backend import vllm_device_type
 
         self.cfg = cfg
         self.path = resolve_target_path(target_cfg.path, target_cfg.cache_dir)
@@ -48,8 +52,9 @@ class VLLMEngine:
             eos = None
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        self.dtype = "bfloat16" if target_cfg.dtype == "auto" else target_cfg.dtype
-        self.device = "cuda"
+        device = resolve_vllm_device(target_cfg.device, vllm_device_type())
+        self.dtype = str(resolve_dtype(target_cfg.dtype, device)).removeprefix("torch.")
+        self.device = device.type
         self.llm = LLM(model=str(self.path), dtype=self.dtype, seed=cfg.seed)
         self.describe = f"vLLM (UNTESTED path), {self.dtype}"
 

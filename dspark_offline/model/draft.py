@@ -31,8 +31,6 @@ class DraftOutput:
     """Training forward of a batch of blocks (Bt rows, A blocks per row, B slots per block)."""
 
     hidden: torch.Tensor  # [Bt, A, B, H] final-norm draft states, slot j predicts x[a+j+1]
-    block_ids: torch.Tensor  # [Bt, A, B] int64 block input tokens [x[a], MASK, ...]
-    positions: torch.Tensor  # [Bt, A, B] int64 RoPE positions a..a+B-1
 
 
 class DraftBlock(NamedTuple):
@@ -183,7 +181,7 @@ class DSparkDraft(nn.Module):
         ctx_pos = torch.arange(s, device=input_ids.device).expand(bt, s)  # [Bt, S]
         mask = block_layout(anchors, keep, s, b)  # block n sees ctx < a_n and itself
         out = self.backbone(embeds, positions.flatten(1), ctx, ctx_pos, mask)  # [Bt, A·B, H]
-        return DraftOutput(hidden=out.view(bt, a, b, -1), block_ids=block_ids, positions=positions)
+        return DraftOutput(hidden=out.view(bt, a, b, -1))
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()

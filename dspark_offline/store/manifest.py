@@ -177,7 +177,6 @@ def check_compatible(
     layer_ids: list[int] | None = None,
     hidden_size: int | None = None,
     vocab_size: int | None = None,
-    need_topk: bool = True,
     need_final_hidden: bool = False,
     store: str | None = None,
 ) -> None:
@@ -196,8 +195,6 @@ def check_compatible(
         raise _mismatch("target.hidden_size", t.hidden_size, hidden_size, store)
     if vocab_size is not None and t.vocab_size != vocab_size:
         raise _mismatch("target.vocab_size", t.vocab_size, vocab_size, store)
-    if need_topk and manifest.top_k < 1:
-        raise _mismatch("top_k", manifest.top_k, ">= 1", store)
     if need_final_hidden and not manifest.has_final_hidden:
         raise _mismatch("has_final_hidden", False, True, store)
 

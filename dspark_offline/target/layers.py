@@ -30,10 +30,6 @@ def dspark_to_vllm_aux_id(layer_id: int) -> int:
     return layer_id + 1
 
 
-def vllm_aux_id_to_dspark(aux_id: int) -> int:
-    return aux_id - 1
-
-
 def default_layer_ids(num_hidden_layers: int, n: int) -> list[int]:
     """``n`` ids evenly spaced from 1 to N-3 (``[1, 9, 17, 25, 33]`` for N=36, n=5)."""
     lo, hi = 1, num_hidden_layers - 3

@@ -38,8 +38,10 @@ from pathlib import Path
 import torch
 
 from dspark_offline.config import VLLM_RESERVED_ARGS
-from dspark_offline.target.hf_backend import TargetOutput, check_right_padded, resolve_dtype, target_info
-from dspark_offline.target.layers import dspark_to_vllm_aux_id, validate_layer_ids
+from dspark_offline.target.backend import TargetOutput, check_right_padded, target_info
+from dspark_offline.target.device import resolve_dtype, resolve_vllm_device
+from dspark_offline.target.embedded import resolve_target_path
+from dspark_offline.target.layers import dspark_to_vllm_aux_id
 from dspark_offline.target.topk import topk_from_final
 
 # Tensor names in Llama/Qwen/Mistral-style HF checkpoints.
@@ -78,7 +80,7 @@ def load_head_tensors(model_dir: Path, tie_word_embeddings: bool) -> dict[str, t
                 "the vLLM backend reads heads from safetensors"
             )
         with safe_open(single, framework="pt") as f:
-            where = {name: single.name for name in f.keys()}
+            where = dict.fromkeys(f.keys(), single.name)
     wanted = {"embed_tokens": EMBED_NAME, "final_norm": NORM_NAME}
     wanted["lm_head"] = EMBED_NAME if tie_word_embeddings or HEAD_NAME not in where else HEAD_NAME
     out = {}
@@ -143,23 +145,6 @@ def vllm_device_type() -> str:
     return str(current_platform.device_type)
 
 
-def _resolve_device(device: str, vllm_device: str) -> torch.device:
-    """The target device must be the one this vLLM build runs on; 'auto' means exactly that."""
-    if device == "auto":
-        return torch.device(vllm_device)
-    dev = torch.device(device)
-    if dev.type != vllm_device:
-        raise ValueError(
-            f"target.device={device!r} but the installed vLLM runs on {vllm_device!r} "
-            "(use target.device=auto, or the other vLLM build)"
-        )
-    if dev.index not in (None, 0):
-        raise ValueError(
-            f"target.device={device!r}: vLLM picks its GPUs from CUDA_VISIBLE_DEVICES; use target.device=cuda"
-        )
-    return dev
-
-
 def _check_engine_kwargs(engine_kwargs: dict) -> None:
     """Refuse arguments the backend sets itself, and names this vLLM's EngineArgs does not know."""
     import dataclasses
@@ -176,8 +161,10 @@ def _check_engine_kwargs(engine_kwargs: dict) -> None:
 
 
 class VLLMTarget:
-    """``HFTarget``'s API over a vLLM engine (see module docstring). Call ``close()`` when done
-    (``dump.run`` does, also on error and Ctrl-C): it shuts the engine down and removes the spool."""
+    """A ``backend.TargetBackend`` over a vLLM engine (see module docstring), built with the shared
+    constructor (``backend.TargetBackendClass``) plus ``engine_kwargs`` (the ``dump.vllm`` settings).
+    Call ``close()`` when done (``dump.run`` does, also on error and Ctrl-C): it shuts the engine
+    down and removes the spool."""
 
     def __init__(
         self,
@@ -193,23 +180,18 @@ class VLLMTarget:
         vllm = _vllm()
         from transformers import AutoConfig, AutoTokenizer
 
-        from dspark_offline.target.embedded import resolve_target_path
-
         self.llm = None
         self.path = resolve_target_path(str(model_dir), cache_dir)
-        self.device = _resolve_device(device, vllm_device_type())
+        self.device = resolve_vllm_device(device, vllm_device_type())
         self.dtype = resolve_dtype(dtype, self.device)
         self.config = AutoConfig.from_pretrained(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.layer_ids = list(layer_ids)
+        self.top_k, self.store_final_hidden = top_k, store_final_hidden  # top_k: checked by topk_from_final
         n = self.config.num_hidden_layers
-        self.layer_ids = validate_layer_ids(list(layer_ids), n)
-        self.top_k, self.store_final_hidden = top_k, store_final_hidden
         self._aux_ids, self._layer_pos, self._last_pos = plan_aux_ids(self.layer_ids, n)
         heads = load_head_tensors(self.path, bool(getattr(self.config, "tie_word_embeddings", False)))
         self._heads = {k: v.to(self.dtype) for k, v in heads.items()}  # CPU, compute dtype
-        vocab = self._heads["lm_head"].shape[0]
-        if not 1 <= top_k <= vocab:
-            raise ValueError(f"top_k={top_k} must be in [1, vocab_size={vocab}]")
         engine_kwargs = dict(engine_kwargs or {})
         _check_engine_kwargs(engine_kwargs)
         sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dspark_offline.config import TrainConfig
+from dspark_offline.target.device import resolve_dtype as resolve_target_dtype
 from dspark_offline.train.schedule import warmup_steps_for
 
 
@@ -86,10 +87,9 @@ def plan_batches(train: TrainConfig, num_samples: int, num_tokens: int, world_si
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``train.dtype`` -> torch dtype; 'auto' = bf16 on CUDA, fp32 on CPU (fp16 is not offered)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """``train.dtype`` -> torch dtype by the target's rule (`target/device.py`): 'auto' = bf16 on
+    CUDA, fp32 on CPU (`TrainConfig` does not offer fp16)."""
+    return resolve_target_dtype(name, device, field="train.dtype")
 
 
 def deepspeed_config(train: TrainConfig, plan: BatchPlan, dtype: torch.dtype, device: torch.device) -> dict:

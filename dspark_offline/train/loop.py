@@ -33,23 +33,16 @@ from tqdm.auto import tqdm
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft, dspark_loss
 from dspark_offline.train import checkpoint, dist, preflight
-from dspark_offline.train.dataset import (
-    FeatureDataset,
-    ResumableSampler,
-    SamplerPosition,
-    batch_anchors,
-    check_store,
-    collate,
-    loader_workers,
-    select_samples,
-)
+from dspark_offline.train.anchors import batch_anchors
+from dspark_offline.train.dataset import FeatureDataset, collate, loader_workers
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
-from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
-from dspark_offline.train.schedule import WarmupCosine, make_scheduler
 from dspark_offline.train.markov_init import init_markov_bigram
+from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
+from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
+from dspark_offline.train.schedule import WarmupCosine, make_scheduler
+from dspark_offline.train.selection import select_samples
 from dspark_offline.train.validate import Validator, split_validation
 from dspark_offline.train.vocab import training_vocabulary
-
 
 BIGRAM_TABLE_SIZE = 8192  # tokens of the bigram table when there is no training vocabulary
 
@@ -72,7 +65,7 @@ def run(params: Params) -> dict:
     store = preflight.open_training_store(params, say)
     cfg = DraftModelConfig.from_manifest(store.manifest, params.draft)
     resume_meta = checkpoint.read_meta(resume_from) if resume_from else None
-    check_store(store, params, cfg, resume_meta)
+    preflight.check_store(store, params, resume_meta)
     say(preflight.check_target_weights(store, params))
     if resume_meta is not None:
         preflight.check_resume(resume_meta, params, cfg.to_dict(), resume_from, say)

@@ -5,6 +5,10 @@ Each check names the parameter or flag that decides, so a user sees one line and
 * the output directory must be writable, and must not hold checkpoints of an earlier run unless
   the run resumes them (``--resume``) or replaces them (``--overwrite``);
 * a store with missing or unfinished parts trains only with ``--allow-partial-store``;
+* the store must be the one the params describe (target, layer ids), hold ``final_hidden`` when
+  ``train.l1_mode`` reads it, have readable arrays of the manifest's shapes, and on resume be the
+  store the checkpoint was trained on (the drafter's own dims are built from the manifest, so
+  they match it by construction);
 * the sample filters (``max_length``, ``min_loss_tokens``) must leave samples to train on, and
   are blamed by name when they do not;
 * a resume must rebuild the same drafter (never negotiable: the weights would not fit) with the
@@ -18,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from dspark_offline.config import Params
+from dspark_offline.model.loss import needs_final_hidden
 from dspark_offline.outputs import check_output_dir
 from dspark_offline.store import FeatureStore, StoreError, open_store
+from dspark_offline.store.manifest import StoreMismatchError, check_compatible
 from dspark_offline.store.plan import part_name
+from dspark_offline.target.layers import resolve_layer_ids
 from dspark_offline.train import checkpoint
+from dspark_offline.train.dataset import SampleReadError
 
 # train.* fields that may change on resume: where and how often things are written, memory use.
 # Everything else (learning rate, schedule, batch, loss, data selection, seed, dtype) changes the run.
@@ -73,6 +81,53 @@ def open_training_store(params: Params, say) -> FeatureStore:
         say(f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
             f"{', '.join(incomplete)} missing or unfinished (train.allow_partial_store)")
     return store
+
+
+def check_store(store: FeatureStore, params: Params, resume_meta: dict | None = None) -> None:
+    """Refuse, before step 1, a store that cannot train this run (messages name both values).
+
+    The store must match the params (target, layer ids: `check_compatible`), hold ``final_hidden``
+    for the ``l1_mode`` values that read it, read back sample 0 with the manifest's shapes, and, on
+    resume, be the store the checkpoint was trained on.
+    """
+    m = store.manifest
+    mode = params.train.l1_mode
+    if needs_final_hidden(mode) and not m.has_final_hidden:
+        raise StoreMismatchError(
+            f"feature store ({store.path}) has_final_hidden=False but train.l1_mode={mode!r} needs "
+            "has_final_hidden=True: dump with dump.store_final_hidden=true, or train with "
+            "train.l1_mode=capped (the tightest bound from the top-k alone) or topk"
+        )
+    want_layers = resolve_layer_ids(params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids)
+    check_compatible(m, target_name=params.target.path, layer_ids=want_layers, store=store.path)
+    _probe_first_sample(store, need_final_hidden=needs_final_hidden(mode))
+    if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
+        raise StoreMismatchError(
+            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
+            f"resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
+        )
+
+
+def _probe_first_sample(store: FeatureStore, need_final_hidden: bool) -> None:
+    """Read sample 0 and check its arrays against the manifest, so a store whose arrays are
+    missing or malformed fails before step 1 rather than at some later batch."""
+    m = store.manifest
+    try:
+        s = store.sample(0)
+    except Exception as e:
+        raise SampleReadError(f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}") from e
+    n, L, H, K = len(s.input_ids), len(m.layer_ids), m.target.hidden_size, m.top_k
+    want = {"hidden": (n, L, H), "topk_ids": (n, K), "topk_probs": (n, K)}
+    if need_final_hidden:
+        want["final_hidden"] = (n, H)
+    for name, shape in want.items():
+        t = getattr(s, name)
+        got = None if t is None else tuple(t.shape)
+        if got != shape:
+            raise StoreMismatchError(
+                f"feature store ({store.path}) sample 0 has {name} of shape {got} but the manifest "
+                f"(layer_ids={list(m.layer_ids)}, hidden_size={H}, top_k={K}) needs {shape}"
+            )
 
 
 def check_usable(num_usable: int, num_store: int, params: Params, world_size: int) -> None:

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from dspark_offline.model import dspark_loss
-from dspark_offline.train.dataset import FeatureDataset, batch_anchors, collate, seed_for
+from dspark_offline.train.anchors import batch_anchors
+from dspark_offline.train.dataset import FeatureDataset, collate
 from dspark_offline.train.metrics import pool_metrics
+from dspark_offline.train.seeds import seed_for
 
 _SPLIT_TAG = 0x7A1  # mixed into the run seed for the held-out draw
 ANCHOR_STEP = -1  # anchors are drawn as for a "step" no training step uses: fixed across evaluations

@@ -30,16 +30,12 @@ from tqdm import tqdm
 from dspark_offline.config import Params
 from dspark_offline.data.errors import EmptySelectionError
 from dspark_offline.data.prepared import SplitArrays, write_prepared
-from dspark_offline.data.render import (
-    RenderSkip,
-    chat_template_hash,
-    load_tokenizer,
-    render_conversation,
-    tokenizer_hash,
-)
+from dspark_offline.data.render import RenderSkip, load_tokenizer, render_conversation
 from dspark_offline.data.skips import REASONS, SkipLog
 from dspark_offline.data.sources import SourceStats, detect_container, read_conversations, resolve_source
 from dspark_offline.outputs import check_output_dir
+from dspark_offline.target.embedded import resolve_target_path
+from dspark_offline.target.fingerprint import tokenizer_hashes
 
 POOL_FACTOR = 4
 
@@ -63,7 +59,7 @@ def run(params: Params) -> Path:
     check_output_dir(cfg.output, "prepare.output", replaced_whole=True)
     path = resolve_source(cfg.source)
     stats = SourceStats(path=str(path), container=detect_container(path))
-    tokenizer = load_tokenizer(params.target.path, params.target.cache_dir)
+    tokenizer = load_tokenizer(resolve_target_path(params.target.path, params.target.cache_dir))
     skips = SkipLog()
     wanted = cfg.num_samples + cfg.num_eval_samples
     max_valid = None if cfg.max_records is not None else POOL_FACTOR * wanted
@@ -126,14 +122,15 @@ def run(params: Params) -> Path:
             [c.id for c, _ in eval_part],
         ),
     }
+    tok_hash, template_hash = tokenizer_hashes(tokenizer)  # what dump compares with the target's
     meta = {
         "source": cfg.source,
         "source_file": path.name,
         "source_format": cfg.format,
         "container": stats.container,
         "target": params.target.path,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "chat_template_hash": chat_template_hash(tokenizer),
+        "tokenizer_hash": tok_hash,
+        "chat_template_hash": template_hash,
         "max_length": cfg.max_length,
         "seed": cfg.seed,
         "requested": {"train": cfg.num_samples, "eval": cfg.num_eval_samples},
