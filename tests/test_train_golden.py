@@ -37,7 +37,8 @@ TRAIN_KEYS = ("loss", "ce", "l1", "conf", "conf_target", "conf_floor", "conf_exc
 VAL_KEYS = ("loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc", "tau_probabilistic",
             "tau_greedy")
 RUNS = {
-    "recompute_vocab": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 8, "chunk_blocks": 4,
+    "recompute_vocab": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 8,
+                        "chunk_blocks": 4,
                         "vocab_size": 48, "val_samples": 2, "val_every": 2, "warmup_ratio": 0.25},
     "topk_full_vocab": {"max_steps": 3, "micro_batch_size": 2, "num_anchors": 6, "l1_mode": "topk",
                         "val_samples": 3, "val_every": 3, "confidence_weight": 0.5},
@@ -99,7 +100,8 @@ def test_tiny_training_reproduces_the_golden_numbers(tmp_path, monkeypatch):
         for part in ("train", "val"):
             assert [r["step"] for r in got[run][part]] == [r["step"] for r in parts[part]], (run, part)
             for g, w in zip(got[run][part], parts[part]):
-                bad += [f"{run} {part} step {w['step']} {k}: {g[k]!r} != {w[k]!r}" for k in w if not _close(g[k], w[k])]
+                bad += [f"{run} {part} step {w['step']} {k}: {g[k]!r} != {w[k]!r}"
+                        for k in w if not _close(g[k], w[k])]
         bad += [f"{run} params {k}: {got[run]['params'][k]!r} != {v!r}" for k, v in parts["params"].items()
                 if not _close(got[run]["params"][k], v)]
     assert not bad, "\n".join(bad)
