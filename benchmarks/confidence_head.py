@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def collect(model, store, indices, tc, micro: int):
     """(features [n, H+r], targets [n], weights [n]) of all supervised slots, fixed anchors."""
-    from dspark_offline.model.loss import confidence_examples
+    from dspark_offline.model import block_targets
+    from dspark_offline.model.confidence import confidence_examples
     from dspark_offline.train.anchors import batch_anchors
     from dspark_offline.train.dataset import FeatureDataset, collate
     from dspark_offline.train.validate import ANCHOR_STEP
@@ -52,7 +53,10 @@ def collect(model, store, indices, tc, micro: int):
     for lo in range(0, len(ds), micro):
         batch = collate([ds[k] for k in range(lo, min(lo + micro, len(ds)))])
         anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, ANCHOR_STEP)  # validation's anchors
-        h, prev, t, w = confidence_examples(model, batch, anchors, keep, tc)  # [N, B, ...]
+        with torch.no_grad():
+            blocks = block_targets(batch, anchors, keep, model.cfg.block_size, tc.gamma, tc.l1_mode)
+            out = model(batch["input_ids"], batch["hidden"], anchors, keep)
+        h, prev, t, w = confidence_examples(model, out.hidden, blocks, tc.l1_mode)  # [N, B, ...]
         x = torch.cat([h, model.markov_head.prev_embedding(prev).detach()], dim=-1) \
             if model.cfg.markov_head else h
         ok = w > 0
@@ -64,7 +68,7 @@ def collect(model, store, indices, tc, micro: int):
 
 def score(logits, t, w) -> tuple[float, float, float]:
     """(weighted BCE, its excess over the floor, conf_skill) of confidence logits."""
-    from dspark_offline.model.loss import binary_entropy, confidence_skill
+    from dspark_offline.model.confidence import binary_entropy, confidence_skill
 
     bce = float((F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w).sum() / w.sum())
     floor = float((binary_entropy(t) * w).sum() / w.sum())

@@ -3,7 +3,7 @@
 The L1 term compares the draft distribution q with the target's p, of which the store keeps the
 top-k (and, optionally, the final hidden state that gives p exactly). This script scores a
 drafter on the run's held-out samples (`train.val_samples`, validation's anchors), on the
-blocks exactly as the loss forms them (`model/loss.py:_supervised_blocks`), with q over the
+blocks exactly as the loss forms them (`model/targets.py:block_targets`), with q over the
 training vocabulary of the run (`train.vocab_size`; the whole vocabulary without one), and for
 every supervised slot compares with the exact L1 = Σ_Vs|q − p| + (1 − Σ_Vs p) where
 p = softmax(final_hidden · lm_headᵀ) over all V in fp32. The reference's final_hidden is the
@@ -26,8 +26,8 @@ the store must hold for the estimator (top-k: 6 B per entry; final_hidden: H × 
 
 Timing (one chunk of `train.chunk_blocks` blocks of the first held-out batch, best of
 `--repeat`): each `l1_mode`'s L1 forward + backward into the draft logits (softmax included),
-and the whole objective (`dspark_loss` forward + backward) with each mode; ms per block and
-the ratio to `topk`.
+and the whole objective (`train/step.py`: forward, targets, `dspark_loss`, backward) with each
+mode; ms per block and the ratio to `topk`.
 
     # a trained drafter (exported), q over its training vocabulary of 8,192 ids, exact reference
     OMP_NUM_THREADS=1 python benchmarks/topk_l1.py -p params.yaml -S dump.store=data/features.zarr \\
@@ -68,28 +68,29 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
     value (key (estimator, k)), all [M] float64 over the M supervised slots; plus "noise":
     Σ_K |stored p − reference p| at the stored top-k (the data's own rounding). `ref_final`
     [Bt, S, H]: the reference final hidden state (None: the stored one)."""
-    from dspark_offline.model.loss import LossConfig, _in_vocab, _l1_to_target, _l1_with_stored_topk, _supervised_blocks
+    from dspark_offline.model import block_targets
+    from dspark_offline.model.l1 import in_vocab, l1_to_target, l1_with_stored_topk
 
-    core = getattr(model, "module", model)
+    b = model.cfg.block_size
     out: dict = {}
     with torch.no_grad():
-        _, blk = _supervised_blocks(model, batch, anchors, keep, LossConfig(gamma=gamma, l1_mode="exact"))
-        ok = blk["eval"]  # [N, B]
-        q = torch.softmax(core.block_logits(blk["hidden"], blk["prev"], core.train_vocab), dim=-1)  # [N, B, Vs]
-        fh, ids, probs = blk["target_hidden"], blk["topk_ids"], blk["topk_probs"]
+        blk = block_targets(batch, anchors, keep, b, gamma, "exact")
+        hidden = blk.select(model(batch["input_ids"], batch["hidden"], anchors, keep).hidden)  # [N, B, H]
+        ok = blk.eval  # [N, B]
+        q = torch.softmax(model.block_logits(hidden, blk.prev, model.train_vocab), dim=-1)  # [N, B, Vs]
+        fh, ids, probs = blk.final_hidden, blk.topk_ids, blk.topk_probs
 
         def softmax_of(final):  # [N, B, H] -> p [N, B, V] and p on q's vocabulary [N, B, Vs]
-            full = torch.softmax((final.to(core.lm_head_weight.dtype) @ core.lm_head_weight.T).float(), dim=-1)
-            return full, (full if core.train_vocab is None else full[..., core.train_vocab])
+            full = torch.softmax((final.to(model.lm_head_weight.dtype) @ model.lm_head_weight.T).float(), dim=-1)
+            return full, (full if model.train_vocab is None else full[..., model.train_vocab])
 
         p_st, p_st_in = softmax_of(fh)  # from the stored final_hidden
         if ref_final is None:
             p, p_in = p_st, p_st_in
         else:
-            cfg = LossConfig(gamma=gamma, l1_mode="exact")
-            p, p_in = softmax_of(_supervised_blocks(model, dict(batch, final_hidden=ref_final), anchors, keep, cfg)[1]
-                                 ["target_hidden"])
-            out[("exact", 0)] = _l1_to_target(core, q, ids, probs, fh, "exact")[ok].double()
+            ref = block_targets(dict(batch, final_hidden=ref_final), anchors, keep, b, gamma, "exact")
+            p, p_in = softmax_of(ref.final_hidden)
+            out[("exact", 0)] = l1_to_target(model, q, ids, probs, fh, "exact")[ok].double()
         out["exact"] = ((q - p_in).abs().sum(-1) + (1 - p_in.sum(-1)).clamp(min=0))[ok].double()  # as l1_mode exact
         out["noise"] = (p.gather(-1, ids.long()) - probs).abs().sum(-1)[ok].double()
         stored = ids.shape[-1]
@@ -100,21 +101,21 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
                 kp, kid = p.topk(k, dim=-1)
                 kp = kp.half().float()
             for mode in ("topk", "capped"):
-                out[(mode, k)] = _l1_to_target(core, q, kid, kp, None, mode)[ok].double()
-            pos, inside = _in_vocab(core, kid)
+                out[(mode, k)] = l1_to_target(model, q, kid, kp, None, mode)[ok].double()
+            pos, inside = in_vocab(model, kid)
             qk = q.gather(-1, pos) * inside  # [N, B, k]
             out[("upper", k)] = ((qk - kp).abs().sum(-1) + (1 - qk.sum(-1)).clamp(min=0)
                                  + (1 - kp.sum(-1)).clamp(min=0))[ok].double()
             if k <= stored:
-                out[("recompute", k)] = _l1_to_target(core, q, kid, kp, fh, "recompute")[ok].double()
+                out[("recompute", k)] = l1_to_target(model, q, kid, kp, fh, "recompute")[ok].double()
                 # prototype: lse stored (4 B/token) instead of fitted: that of the stored final_hidden's logits
-                out[("recompute+lse", k)] = _l1_with_stored_topk(q, p_st_in, pos, inside, kp)[ok].double()
+                out[("recompute+lse", k)] = l1_with_stored_topk(q, p_st_in, pos, inside, kp)[ok].double()
     return out
 
 
 def summarise(values: dict, final_bytes: int) -> list[dict]:
     """One row per (estimator, k): error statistics against the exact L1 and bytes/token."""
-    from dspark_offline.model.loss import _acceptance
+    from dspark_offline.model.l1 import acceptance
 
     exact = values["exact"]
     rows = []
@@ -129,7 +130,7 @@ def summarise(values: dict, final_bytes: int) -> list[dict]:
         rows.append({
             "estimator": name, "k": k, "bytes": bytes_tok, "mean_err": float(err.mean()), "mean_abs": float(a.mean()),
             "p95_abs": float(a.quantile(0.95)), "max_abs": float(a.max()),
-            "accept_err": float((_acceptance(est) - _acceptance(exact)).mean()),
+            "accept_err": float((acceptance(est) - acceptance(exact)).mean()),
         })
     order = {"topk": 0, "capped": 1, "upper": 2, "recompute": 3, "recompute+lse": 4, "exact": 5}
     return sorted(rows, key=lambda r: (order[r["estimator"]], r["k"]))
@@ -137,29 +138,32 @@ def summarise(values: dict, final_bytes: int) -> list[dict]:
 
 def time_modes(model, batch: dict, anchors, keep, tc, repeat: int) -> dict[str, tuple[float, float]]:
     """{l1_mode: (L1 alone, whole objective)} seconds per block, forward + backward, best of `repeat`."""
-    from dspark_offline.model.loss import LossConfig, _l1_to_target, _supervised_blocks, dspark_loss
+    from dataclasses import replace
 
-    core = getattr(model, "module", model)
+    from dspark_offline.model import LossConfig, block_targets
+    from dspark_offline.model.l1 import l1_to_target
+    from dspark_offline.train.step import local_sums, pooled_loss
+
     res = {}
     with torch.no_grad():
-        _, blk = _supervised_blocks(model, batch, anchors, keep, LossConfig(gamma=tc.gamma, l1_mode="exact"))
-    n = min(int(tc.chunk_blocks), blk["prev"].shape[0])
-    sl = {key: (v[:n] if torch.is_tensor(v) else v) for key, v in blk.items()}
-    logits = core.block_logits(sl["hidden"], sl["prev"], core.train_vocab).detach()  # [n, B, Vs]
-    blocks_total = blk["prev"].shape[0]
+        blk = block_targets(batch, anchors, keep, model.cfg.block_size, tc.gamma, "exact")
+        hidden = blk.select(model(batch["input_ids"], batch["hidden"], anchors, keep).hidden)  # [N, B, H]
+    n = min(int(tc.chunk_blocks), len(blk))
+    sl = blk[:n]
+    logits = model.block_logits(hidden[:n], sl.prev, model.train_vocab).detach()  # [n, B, Vs]
+    blocks_total = len(blk)
     for mode in ("topk", "capped", "recompute", "exact"):
         best_l1 = best_obj = float("inf")
         for _ in range(repeat):
             x = logits.clone().requires_grad_(True)
             t0 = time.perf_counter()
-            l1 = _l1_to_target(core, torch.softmax(x, -1), sl["topk_ids"], sl["topk_probs"], sl["target_hidden"], mode)
+            l1 = l1_to_target(model, torch.softmax(x, -1), sl.topk_ids, sl.topk_probs, sl.final_hidden, mode)
             l1.sum().backward()
             best_l1 = min(best_l1, (time.perf_counter() - t0) / n)
-            cfg = LossConfig(gamma=tc.gamma, l1_mode=mode, chunk_blocks=tc.chunk_blocks)
+            cfg = replace(LossConfig.from_train(tc), l1_mode=mode)
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            loss, _ = dspark_loss(model, batch, anchors, keep, cfg, dp_reduce=False)
-            loss.backward()
+            pooled_loss(local_sums(model, batch, anchors, keep, cfg), cfg).backward()
             best_obj = min(best_obj, (time.perf_counter() - t0) / blocks_total)
         res[mode] = (best_l1, best_obj)
     model.zero_grad(set_to_none=True)

@@ -63,7 +63,9 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     """One measured training step in this (fresh) process."""
     import torch
 
-    from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig, dspark_loss, sample_anchors
+    from dspark_offline.config import TrainConfig
+    from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig, sample_anchors
+    from dspark_offline.train.step import local_sums, pooled_loss
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -91,11 +93,12 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     anchors, keep = sample_anchors(batch["loss_mask"].cpu(), batch["lengths"].cpu(), setting["num_anchors"], g)
     anchors, keep = anchors.to(device), keep.to(device)
-    loss_cfg = LossConfig(chunk_blocks=setting["chunk_blocks"], l1_mode="topk")  # the README's numbers: topk
+    # the README's numbers: l1_mode topk
+    loss_cfg = LossConfig.from_train(TrainConfig(chunk_blocks=setting["chunk_blocks"], l1_mode="topk"))
 
     def step(a: torch.Tensor, k: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
-        loss, _ = dspark_loss(model, batch, a, k, loss_cfg)
+        loss = pooled_loss(local_sums(model, batch, a, k, loss_cfg), loss_cfg)
         loss.backward()
         opt.step()
         return float(loss)

@@ -1,6 +1,6 @@
 """Data-parallel normalisation (DESIGN §4 item 9): 1 process with batch 2b == 2 processes with b.
 
-Each of two gloo processes computes the loss on its half of the batch; averaging their
+Each of two gloo processes computes the loss on its half of the batch (`train.step.pooled_loss`); averaging their
 gradients (what DeepSpeed does) must equal the single-process gradient of the whole batch.
 """
 
@@ -14,7 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig, dspark_loss, sample_anchors
+from dspark_offline.config import TrainConfig
+from dspark_offline.model import (
+    DraftModelConfig,
+    DSparkDraft,
+    LossConfig,
+    block_targets,
+    dspark_loss,
+    sample_anchors,
+)
+from dspark_offline.train.step import pooled_loss
 
 DIMS = {
     "hidden_size": 16, "num_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 24,
@@ -46,6 +55,14 @@ def _batch():
     return batch, anchors, keep
 
 
+def _loss(model, batch, anchors, keep):
+    """The training loss: the drafter's sums normalised by Σw all-reduced over the process group."""
+    cfg = LossConfig.from_train(TrainConfig(l1_mode="topk"))
+    targets = block_targets(batch, anchors, keep, model.cfg.block_size, cfg.gamma, cfg.l1_mode)
+    out = model(batch["input_ids"], batch["hidden"], anchors, keep)
+    return pooled_loss(dspark_loss(model, out, targets, cfg), cfg)
+
+
 def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -58,7 +75,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         model = _model()
         batch, anchors, keep = _batch()
         half = {k: v[rank : rank + 1] for k, v in batch.items()}
-        loss, _ = dspark_loss(model, half, anchors[rank : rank + 1], keep[rank : rank + 1], LossConfig(l1_mode="topk"))
+        loss = _loss(model, half, anchors[rank : rank + 1], keep[rank : rank + 1])
         loss.backward()
         g = _grads(model)
         dist.all_reduce(g)
@@ -73,7 +90,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 def test_two_processes_equal_one_process(tmp_path):
     model = _model()
     batch, anchors, keep = _batch()
-    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="topk"))
+    loss = _loss(model, batch, anchors, keep)
     loss.backward()
     single = _grads(model)
 

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dspark_offline.config import TrainConfig
-from dspark_offline.model import LossConfig, dspark_loss, sample_anchors
-from dspark_offline.model.loss import (
-    _block_targets,
-    _capped_topk_l1,
-    _l1_with_stored_topk,
-    _topk_l1,
-    confidence_examples,
-    confidence_skill,
-)
+from dspark_offline.model import LossConfig, block_targets, dspark_loss, sample_anchors
+from dspark_offline.model.confidence import confidence_examples, confidence_skill
+from dspark_offline.model.l1 import capped_topk_l1, l1_with_stored_topk, topk_l1
+from dspark_offline.model.targets import slot_grid
+from dspark_offline.train.step import pooled_loss
+
+
+def loss_cfg(**over) -> LossConfig:
+    """The objective's config of `params.train` (its defaults) with `over` changed."""
+    return LossConfig.from_train(TrainConfig(**over))
+
+
+def objective(model, batch, anchors, keep, cfg: LossConfig | None = None, **over
+              ) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) of a batch as one training process gets them: forward, targets, the
+    objective's sums, normalised by their weight; metrics plus the sums' Σw as "weight"."""
+    cfg = cfg or loss_cfg(**over)
+    out = model(batch["input_ids"], batch["hidden"], anchors, keep)
+    targets = block_targets(batch, anchors, keep, model.cfg.block_size, cfg.gamma, cfg.l1_mode)
+    sums = dspark_loss(model, out, targets, cfg)
+    return pooled_loss(sums, cfg), {**sums.metrics(cfg, per_slot=True), "weight": float(sums.weight)}
 
 
 def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=True):
@@ -45,31 +58,31 @@ def test_labels_eval_mask_weights_hand_example():
     lengths = torch.tensor([9])  # position 9 is padding
     anchors = torch.tensor([[2, 6, 7, 0]])
     keep = torch.tensor([[True, True, True, False]])
-    t = _block_targets(x, m, lengths, anchors, keep, b=4, gamma=2.0)
+    t = slot_grid(x, m, lengths, anchors, keep, block_size=4, gamma=2.0)
     # a=2: labels at 3,4,5,6 -> m = 1,1,0,1 -> cumprod 1,1,0,0
     # a=6: labels at 7,8,9,10 -> 9 and 10 are >= len -> 1,1,0,0
     # a=7: labels at 8,9,.. -> 1,0,0,0 ; padding block -> 0
     want_eval = [[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
-    assert t["eval"][0].int().tolist() == want_eval
-    assert t["labels"][0, 0].tolist() == [13, 14, 15, 16]
-    assert t["labels"][0, 1, :2].tolist() == [17, 18]
-    assert t["prev"][0, 0].tolist() == [12, 13, 14, 15]  # prev_0 = x[a], prev_j = x[a+j]
-    assert t["src"][0, 1].tolist() == [6, 7, 8, 9]  # target distribution of slot j: position a+j
+    assert t.eval[0].int().tolist() == want_eval
+    assert t.labels[0, 0].tolist() == [13, 14, 15, 16]
+    assert t.labels[0, 1, :2].tolist() == [17, 18]
+    assert t.prev[0, 0].tolist() == [12, 13, 14, 15]  # prev_0 = x[a], prev_j = x[a+j]
+    assert t.src[0, 1].tolist() == [6, 7, 8, 9]  # target distribution of slot j: position a+j
     dec = [math.exp(-j / 2.0) for j in range(4)]
     want_w = torch.tensor([[e * d for e, d in zip(row, dec)] for row in want_eval])
-    torch.testing.assert_close(t["weight"][0], want_w)
+    torch.testing.assert_close(t.weight[0], want_w)
 
 
 def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model)  # fp32 top-k of softmax(final_hidden @ lm_head.T): the default mode is exact here
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-    loss, met = dspark_loss(model, batch, anchors, keep, LossConfig())
-    assert LossConfig().l1_mode == TrainConfig().l1_mode == "recompute"
+    loss, met = objective(model, batch, anchors, keep)
+    assert loss_cfg().l1_mode == "recompute"
     assert loss.item() == pytest.approx(0.1 * met["ce"] + 0.9 * met["l1"] + 1.0 * met["conf"], rel=1e-5)
-    _, met_topk = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="topk"))
+    _, met_topk = objective(model, batch, anchors, keep, l1_mode="topk")
     # the same from TrainConfig (the loop passes params.train)
-    loss2, _ = dspark_loss(model, batch, anchors, keep, TrainConfig())
+    loss2, _ = objective(model, batch, anchors, keep, LossConfig.from_train(TrainConfig()))
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
 
     # naive per-slot reference, straight from DESIGN §4
@@ -116,14 +129,17 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     const_excess = entropy(tsum / wsum) - floor / wsum
     assert met["conf_skill"] == pytest.approx(1 - (bce - floor) / wsum / const_excess, rel=1e-3)
     # the head's examples on their own: the same targets and weights, the same BCE
-    h, prev, target, weight = confidence_examples(model, batch, anchors, keep, LossConfig())
+    with torch.no_grad():
+        targets = block_targets(batch, anchors, keep, model.cfg.block_size, 4.0, "recompute")
+        out = model(batch["input_ids"], batch["hidden"], anchors, keep)
+    h, prev, target, weight = confidence_examples(model, out.hidden, targets, "recompute")
     assert float(weight.sum()) == pytest.approx(wsum, rel=1e-5)
     assert float((target * weight).sum()) == pytest.approx(tsum, rel=1e-4)
     with torch.no_grad():
         ex_bce = F.binary_cross_entropy_with_logits(model.confidence_logits(h, prev), target, reduction="none")
     assert float((ex_bce * weight).sum()) == pytest.approx(bce, rel=1e-4)
     assert 1.0 <= met["tau_probabilistic"] <= 1.0 + model.cfg.block_size
-    assert {f"acc_slot{j}" for j in range(4)} <= met.keys() and 0 <= met["accuracy"] <= 1
+    assert {f"acc_slot{j}" for j in range(4)} <= met.keys() and 0 <= met["acc"] <= 1
 
 
 def entropy(t: float) -> float:
@@ -145,7 +161,7 @@ def test_gradients_reach_trainable_parts_only(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig())
+    loss, _ = objective(model, batch, anchors, keep)
     loss.backward()
     names = dict(model.named_parameters())
     for name in ("fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
@@ -167,11 +183,11 @@ def test_topk_l1_bounds_and_full_k_is_exact():
         exact = (q - p).abs().sum()
         for k in (1, 5, 20):
             tp, ti = p.topk(k)
-            est = _topk_l1(q[ti][None, None], tp[None, None])[0, 0]
+            est = topk_l1(q[ti][None, None], tp[None, None])[0, 0]
             upper = (q[ti] - tp).abs().sum() + (1 - q[ti].sum()) + (1 - tp.sum())
             assert est <= exact + 1e-6 and exact <= upper + 1e-6
         tp, ti = p.topk(v)
-        assert _topk_l1(q[ti][None, None], tp[None, None])[0, 0] == pytest.approx(float(exact), abs=1e-5)
+        assert topk_l1(q[ti][None, None], tp[None, None])[0, 0] == pytest.approx(float(exact), abs=1e-5)
 
 
 def _random_pair(g, v, sharp):
@@ -196,13 +212,13 @@ def test_capped_l1_lies_between_topk_bound_and_exact():
         for k in (1, 2, 5, 10, 30, 59):
             tp, ti = p.topk(k)
             qk = q[ti]
-            low = float(_topk_l1(qk[None, None], tp[None, None])[0, 0])
-            capped = float(_capped_topk_l1(q[None, None], qk[None, None], tp[None, None])[0, 0])
+            low = float(topk_l1(qk[None, None], tp[None, None])[0, 0])
+            capped = float(capped_topk_l1(q[None, None], qk[None, None], tp[None, None])[0, 0])
             upper = float((qk - tp).abs().sum() + (1 - qk.sum()) + (1 - tp.sum()))
             assert low - 1e-6 <= capped <= exact + 1e-6 <= upper + 2e-6, (trial, k, low, capped, exact, upper)
             gained = max(gained, capped - low)
         tp, ti = p.topk(v)
-        assert float(_capped_topk_l1(q[None, None], q[ti][None, None], tp[None, None])[0, 0]) == \
+        assert float(capped_topk_l1(q[None, None], q[ti][None, None], tp[None, None])[0, 0]) == \
             pytest.approx(exact, abs=1e-5)
     assert gained > 0.1  # not the old bound under another name
 
@@ -212,8 +228,8 @@ def test_modes_equal_exact_with_the_full_vocabulary_stored(make_tiny_draft, mode
     model = make_tiny_draft()
     batch = make_batch(model, k=model.cfg.vocab_size, final_hidden=True)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-    l_mode, m_mode = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode))
-    l_exact, m_exact = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+    l_mode, m_mode = objective(model, batch, anchors, keep, l1_mode=mode)
+    l_exact, m_exact = objective(model, batch, anchors, keep, l1_mode="exact")
     assert m_exact["l1"] == pytest.approx(m_mode["l1"], rel=1e-4)
     assert l_exact.item() == pytest.approx(l_mode.item(), rel=1e-4)
 
@@ -224,9 +240,9 @@ def test_final_hidden_modes_need_final_hidden(make_tiny_draft, mode):
     batch = make_batch(model, final_hidden=False)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
     with pytest.raises(KeyError, match=f"l1_mode='{mode}' needs final_hidden"):
-        dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode))
+        objective(model, batch, anchors, keep, l1_mode=mode)
     with pytest.raises(ValueError, match="l1_mode must be one of"):
-        dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="approx"))
+        replace(loss_cfg(), l1_mode="approx")
 
 
 @pytest.mark.parametrize("subset", [False, True])
@@ -242,22 +258,22 @@ def test_recompute_is_exact_from_a_few_stored_probabilities(make_tiny_draft, sub
         vocab = torch.cat([vocab, batch["input_ids"].flatten()]).unique()
         assert (~torch.isin(batch["topk_ids"][..., 0], vocab)).any()
         model.set_train_vocab(vocab)
-    _, m_exact = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+    _, m_exact = objective(model, batch, anchors, keep, l1_mode="exact")
     for k in (1, 4):
         b = dict(batch, topk_ids=batch["topk_ids"][..., :k], topk_probs=batch["topk_probs"][..., :k])
-        _, m_re = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="recompute"))
-        _, m_topk = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="topk"))
+        _, m_re = objective(model, b, anchors, keep, l1_mode="recompute")
+        _, m_topk = objective(model, b, anchors, keep, l1_mode="topk")
         assert m_re["l1"] == pytest.approx(m_exact["l1"], rel=1e-5), k
         assert m_re["tau_probabilistic"] == pytest.approx(m_exact["tau_probabilistic"], rel=1e-5)
         assert m_exact["l1"] - m_topk["l1"] > 1e-3  # the data leaves room for the bound to be wrong
     # fp16-rounded probabilities (as stored): still close
     b = dict(batch, topk_probs=batch["topk_probs"].half().float())
-    _, m_half = dspark_loss(model, b, anchors, keep, LossConfig(l1_mode="recompute"))
+    _, m_half = objective(model, b, anchors, keep, l1_mode="recompute")
     assert m_half["l1"] == pytest.approx(m_exact["l1"], abs=2e-3)
 
 
 def test_stored_probabilities_replace_the_recomputed_ones():
-    """`_l1_with_stored_topk` = the L1 against p with the stored probabilities written in at the
+    """`l1_with_stored_topk` = the L1 against p with the stored probabilities written in at the
     stored ids q has (a naive copy-and-assign reference), ids outside q's vocabulary ignored."""
     g = torch.Generator().manual_seed(0)
     n, b, vs, k = 3, 2, 30, 5
@@ -266,7 +282,7 @@ def test_stored_probabilities_replace_the_recomputed_ones():
     pos = torch.stack([torch.randperm(vs, generator=g)[:k] for _ in range(n * b)]).view(n, b, k)
     inside = torch.rand(n, b, k, generator=g) < 0.7
     stored = torch.rand(n, b, k, generator=g) * 0.1  # deliberately unlike p at those ids
-    got = _l1_with_stored_topk(q, p, pos, inside, stored)
+    got = l1_with_stored_topk(q, p, pos, inside, stored)
     for i in range(n):
         for j in range(b):
             pp = p[i, j].clone()
@@ -288,7 +304,7 @@ def test_recompute_gradients_are_the_exact_ones_and_reach_only_the_drafter(make_
         batch["final_hidden"].requires_grad_(True)
         batch["topk_probs"].requires_grad_(True)
         anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-        loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode, ce_weight=0.0, confidence_weight=0.0))
+        loss, _ = objective(model, batch, anchors, keep, l1_mode=mode, ce_weight=0.0, confidence_weight=0.0)
         loss.backward()
         assert batch["final_hidden"].grad is None and batch["topk_probs"].grad is None, mode
         assert not model.lm_head_weight.requires_grad
@@ -304,7 +320,7 @@ def test_new_modes_give_finite_gradients_to_the_drafter(make_tiny_draft, mode):
     batch = make_batch(model, final_hidden=True)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
     model.set_train_vocab(torch.arange(0, model.cfg.vocab_size, 2))
-    loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode=mode, ce_weight=0.0, confidence_weight=0.0))
+    loss, _ = objective(model, batch, anchors, keep, l1_mode=mode, ce_weight=0.0, confidence_weight=0.0)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
@@ -315,13 +331,13 @@ def test_exact_mode_equals_topk_with_full_vocab(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model, k=model.cfg.vocab_size, final_hidden=True)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-    l_topk, m_topk = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="topk"))
-    l_exact, m_exact = dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+    l_topk, m_topk = objective(model, batch, anchors, keep, l1_mode="topk")
+    l_exact, m_exact = objective(model, batch, anchors, keep, l1_mode="exact")
     assert m_exact["l1"] == pytest.approx(m_topk["l1"], rel=1e-4)
     assert l_exact.item() == pytest.approx(l_topk.item(), rel=1e-4)
     del batch["final_hidden"]
     with pytest.raises(KeyError, match="final_hidden"):
-        dspark_loss(model, batch, anchors, keep, LossConfig(l1_mode="exact"))
+        objective(model, batch, anchors, keep, l1_mode="exact")
 
 
 @pytest.mark.parametrize("mode", ["topk", "capped", "recompute", "exact"])
@@ -331,7 +347,7 @@ def test_chunked_equals_unchunked(make_tiny_draft, mode):
         model = make_tiny_draft()
         batch = make_batch(model, final_hidden=True)
         anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-        loss, _ = dspark_loss(model, batch, anchors, keep, LossConfig(chunk_blocks=chunk, l1_mode=mode))
+        loss, _ = objective(model, batch, anchors, keep, chunk_blocks=chunk, l1_mode=mode)
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -360,8 +376,8 @@ def test_no_valid_block_gives_zero_loss_with_graph(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model, bt=1)
     anchors, keep = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.bool)
-    loss, met = dspark_loss(model, batch, anchors, keep, LossConfig())
-    assert loss.item() == 0.0 and met["tokens"] == 0
+    loss, met = objective(model, batch, anchors, keep)
+    assert loss.item() == 0.0 and met["supervised_tokens"] == 0
     loss.backward()  # still differentiable (DeepSpeed needs a graph every step)
 
 
@@ -382,28 +398,28 @@ def test_training_vocabulary_equals_masking_the_rest(make_tiny_draft, l1_mode):
         model.markov_head.markov_w1.weight[:, 0] = 1.0
         model.markov_head.markov_w2.weight[:, 0] = -1e4
         model.markov_head.markov_w2.weight[vocab, 0] = 0.0
-    cfg = LossConfig(l1_mode=l1_mode)
-    loss_full, m_full = dspark_loss(model, batch, anchors, keep, cfg)
+    cfg = loss_cfg(l1_mode=l1_mode)
+    loss_full, m_full = objective(model, batch, anchors, keep, cfg)
     model.set_train_vocab(vocab)
-    loss_sub, m_sub = dspark_loss(model, batch, anchors, keep, cfg)
+    loss_sub, m_sub = objective(model, batch, anchors, keep, cfg)
     assert m_sub["outside_vocab"] == 0.0
-    for key in ("ce", "l1", "conf", "accuracy", "tau_probabilistic", "tau_greedy"):
+    for key in ("ce", "l1", "conf", "acc", "tau_probabilistic", "tau_greedy"):
         assert m_sub[key] == pytest.approx(m_full[key], rel=1e-5, abs=1e-6), key
     assert loss_sub.item() == pytest.approx(loss_full.item(), rel=1e-5)
     model.set_train_vocab(None)
-    assert dspark_loss(model, batch, anchors, keep, cfg)[0].item() == loss_full.item()
+    assert objective(model, batch, anchors, keep, cfg)[0].item() == loss_full.item()
 
 
 def test_training_vocabulary_counts_labels_outside(make_tiny_draft):
     model = make_tiny_draft()
     batch = make_batch(model)
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
-    _, m_all = dspark_loss(model, batch, anchors, keep, LossConfig())
+    _, m_all = objective(model, batch, anchors, keep)
     model.set_train_vocab(torch.arange(model.cfg.vocab_size))
-    _, m_same = dspark_loss(model, batch, anchors, keep, LossConfig())
+    _, m_same = objective(model, batch, anchors, keep)
     assert m_same["ce"] == pytest.approx(m_all["ce"], rel=1e-6) and m_same["outside_vocab"] == 0.0
     model.set_train_vocab(torch.arange(0, model.cfg.vocab_size, 2))  # even ids only
-    loss, m_half = dspark_loss(model, batch, anchors, keep, LossConfig())
+    loss, m_half = objective(model, batch, anchors, keep)
     labels_odd = 0 < m_half["outside_vocab"] < 1
     assert labels_odd and math.isfinite(loss.item())
     with pytest.raises(ValueError, match="training vocabulary"):
@@ -418,13 +434,13 @@ def test_tau_greedy_counts_leading_top1_matches(make_tiny_draft):
     # blocks that do not overlap (B = 4), so each block's target positions are its own
     anchors = torch.tensor([[4, 8, 13, 17], [4, 8, 13, 17]])
     keep = torch.ones_like(anchors, dtype=torch.bool)
-    _, m = dspark_loss(model, batch, anchors, keep, LossConfig())
+    _, m = objective(model, batch, anchors, keep)
     assert 1.0 <= m["tau_greedy"] <= 1.0 + model.cfg.block_size
     with torch.no_grad():
         out = model(batch["input_ids"], batch["hidden"], anchors, keep)
-        t = _block_targets(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep,
-                           model.cfg.block_size, 4.0)
-        guess = model.block_logits(out.hidden, t["prev"]).argmax(-1)  # [Bt, A, B]
+        t = slot_grid(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep,
+                      model.cfg.block_size, 4.0)
+        guess = model.block_logits(out.hidden, t.prev).argmax(-1)  # [Bt, A, B]
     oracle = dict(batch)
     oracle["topk_ids"] = batch["topk_ids"].clone()
     for b in range(guess.shape[0]):
@@ -433,8 +449,8 @@ def test_tau_greedy_counts_leading_top1_matches(make_tiny_draft):
                 for j in range(guess.shape[2]):
                     src = min(int(anchors[b, a]) + j, batch["input_ids"].shape[1] - 1)
                     oracle["topk_ids"][b, src, 0] = guess[b, a, j]
-    _, m_oracle = dspark_loss(model, oracle, anchors, keep, LossConfig())
-    valid = t["eval"][:, :, 0]  # blocks with a supervised first slot are the ones scored
-    want = 1.0 + (t["eval"][valid].float().sum() / valid.sum()).item()
+    _, m_oracle = objective(model, oracle, anchors, keep)
+    valid = t.eval[:, :, 0]  # blocks with a supervised first slot are the ones scored
+    want = 1.0 + (t.eval[valid].float().sum() / valid.sum()).item()
     assert want > 2.0
     assert m_oracle["tau_greedy"] == pytest.approx(want, rel=1e-6)

@@ -12,7 +12,7 @@ import torch
 from synthetic_store import TARGET_NAME, make_store
 
 from dspark_offline.config import Params
-from dspark_offline.model import DraftModelConfig, DSparkDraft
+from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig
 from dspark_offline.model.serving import load_serving
 from dspark_offline.store import StoreIntegrityError, StoreMismatchError, open_store
 from dspark_offline.train import checkpoint
@@ -135,8 +135,8 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
     head = fs.target_weights()
     served = load_serving(tmp_path / "drafter", head["embed_tokens"], head["lm_head"])
     _, val = split_validation(select_samples(fs, None, params.train.min_loss_tokens, progress=False), 3, 0)
-    again = Validator(FeatureDataset(fs, val, None), params.train, micro_batch_size=2, num_anchors=8, seed=0,
-                      rank=0, world_size=1, device=torch.device("cpu"))(served)
+    again = Validator(FeatureDataset(fs, val, None), LossConfig.from_train(params.train), micro_batch_size=2,
+                      num_anchors=8, seed=0, rank=0, world_size=1, device=torch.device("cpu"))(served)
     for col in ("loss", "ce", "l1", "conf", "conf_skill", "tau_probabilistic"):
         assert again[col] == pytest.approx(rows[-1][col], rel=1e-4), col
 

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from dspark_offline.config import TrainConfig
-from dspark_offline.model.loss import confidence_skill
+from dspark_offline.model import LossConfig, LossSums
+from dspark_offline.model.confidence import confidence_skill
 from dspark_offline.train import checkpoint, dist
 from dspark_offline.train.anchors import batch_anchors
 from dspark_offline.train.dataset import FeatureDataset, SampleReadError, collate
 from dspark_offline.train.ds_config import BatchPlanError, deepspeed_config, plan_batches
-from dspark_offline.train.metrics import COLUMNS, MetricsSink, pool_metrics, pool_step_metrics, read_tsv
+from dspark_offline.train.metrics import COLUMNS, MetricsSink, pool_step_metrics, pool_sums, read_tsv
 from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
-from dspark_offline.train.schedule import WarmupCosine, warmup_steps_for
+from dspark_offline.train.schedule import WarmupCosine, make_scheduler, warmup_steps_for
 from dspark_offline.train.selection import select_samples
 from dspark_offline.train.validate import ValidationSplitError, split_validation
 
@@ -36,6 +37,23 @@ def test_warmup_cosine_shape():
     assert warmup_steps_for(100, 0.04) == 4 and warmup_steps_for(3, 0.01) == 1 and warmup_steps_for(3, 0) == 0
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosine(total_steps=5, warmup_steps=6, min_lr_ratio=0.1)
+
+
+def test_resumed_scheduler_keeps_its_step_and_this_runs_schedule():
+    """A checkpoint restores the scheduler's position, never the schedule of the run that saved it
+    (a resume with more steps follows the new, longer curve)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    old = make_scheduler(torch.optim.SGD([param], lr=1.0), WarmupCosine(10, 2, 0.1))
+    for _ in range(3):
+        old.optimizer.step()
+        old.step()
+    longer = WarmupCosine(100, 2, 0.1)
+    new = make_scheduler(torch.optim.SGD([param], lr=1.0), longer)
+    new.load_state_dict(old.state_dict())
+    assert new.last_epoch == 3 and longer == WarmupCosine(100, 2, 0.1)
+    new.optimizer.step()
+    new.step()
+    assert new.get_last_lr()[0] == pytest.approx(longer(4)) and longer(4) != pytest.approx(WarmupCosine(10, 2, 0.1)(4))
 
 
 # -- batch math -----------------------------------------------------------------------------------
@@ -178,25 +196,43 @@ def test_metrics_sink_rows_and_resume_truncation(tmp_path):
     assert not other.exists()
 
 
-def test_pool_step_metrics_weights_each_mean_by_its_own_count():
-    m1 = {"ce": 1.0, "l1": 0.5, "conf": 0.1, "weight": 1.0, "accuracy": 0.0, "tokens": 1.0,
-          "tau_probabilistic": 2.0, "blocks": 1.0}
-    m2 = {"ce": 4.0, "l1": 0.2, "conf": 0.4, "weight": 3.0, "accuracy": 1.0, "tokens": 3.0,
-          "tau_probabilistic": 1.0, "blocks": 3.0}
-    out = pool_step_metrics([(2.0, m1), (4.0, m2)], tokens=50, device=torch.device("cpu"))
+def _sums(**values) -> LossSums:
+    """LossSums of block size 2 with the given entries (scalars or [2] lists), zeros elsewhere."""
+    sums = LossSums.zeros(2)
+    for k, v in values.items():
+        setattr(sums, k, torch.tensor(v, dtype=torch.float64))
+    return sums
+
+
+def test_pool_step_metrics_pools_the_sums_of_its_micro_batches():
+    cfg = LossConfig.from_train(TrainConfig())
+    m1 = _sums(ce=1.0, l1=0.5, bce=0.1, weight=1.0, correct=[0.0, 0.0], tokens=[1.0, 0.0], tau=2.0,
+               blocks=1.0)
+    m2 = _sums(ce=12.0, l1=0.6, bce=1.2, weight=3.0, correct=[2.0, 1.0], tokens=[2.0, 1.0], tau=3.0,
+               blocks=3.0)
+    out = pool_step_metrics([(2.0, m1), (4.0, m2)], tokens=50, cfg=cfg, device=torch.device("cpu"))
     assert out["loss"] == pytest.approx(3.0) and out["ce"] == pytest.approx(13 / 4)
     assert out["acc"] == pytest.approx(0.75) and out["tau_probabilistic"] == pytest.approx(1.25)
-    assert out["tokens"] == 50
+    slots = pool_sums([m1, m2], 2, torch.device("cpu"))[0].metrics(cfg, per_slot=True)
+    assert slots["acc_slot0"] == pytest.approx(2 / 3) and slots["acc_slot1"] == pytest.approx(1.0)
+    assert "acc_slot0" not in out  # the step's log keeps to block-level numbers
+    assert out["tokens"] == 50 and out["supervised_tokens"] == 4
+    # the α-weighted loss of the pooled means is derived with the metrics (validation logs it)
+    assert pool_sums([m1, m2], 2, torch.device("cpu"))[0].metrics(cfg)["loss"] == pytest.approx(
+        0.1 * 13 / 4 + 0.9 * 1.1 / 4 + 1.0 * 1.3 / 4)
 
 
-def test_pool_metrics_derives_the_confidence_excess_and_skill_from_pooled_terms():
-    m1 = {"conf": 0.5, "conf_target": 0.2, "conf_floor": 0.4, "weight": 1.0}
-    m2 = {"conf": 0.3, "conf_target": 0.4, "conf_floor": 0.2, "weight": 3.0}
-    out, totals = pool_metrics([m1, m2], torch.device("cpu"), totals=(7.0, 2.5))
+def test_pooled_metrics_derive_the_confidence_excess_and_skill_from_pooled_terms():
+    m1 = _sums(bce=0.5, conf_target=0.2, conf_floor=0.4, weight=1.0)
+    m2 = _sums(bce=0.9, conf_target=1.2, conf_floor=0.6, weight=3.0)
+    pooled, totals = pool_sums([m1, m2], 2, torch.device("cpu"), totals=(7.0, 2.5))
     assert totals == [7.0, 2.5]  # a world of one: summed over nothing
+    out = pooled.metrics(LossConfig.from_train(TrainConfig()))
     assert out["conf"] == pytest.approx(0.35) and out["conf_floor"] == pytest.approx(0.25)
     assert out["conf_excess"] == pytest.approx(0.10)
     assert out["conf_skill"] == pytest.approx(confidence_skill(0.10, 0.35, 0.25))
+    empty, _ = pool_sums([], 2, torch.device("cpu"))  # a rank with no held-out sample
+    assert math.isnan(empty.metrics(LossConfig.from_train(TrainConfig()))["ce"])
 
 
 def test_validation_split_is_seeded_disjoint_and_refuses_to_take_everything():

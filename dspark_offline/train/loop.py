@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dspark_offline.config import Params
-from dspark_offline.model import DraftModelConfig, DSparkDraft, dspark_loss
+from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig
 from dspark_offline.train import checkpoint, dist, preflight
 from dspark_offline.train.anchors import batch_anchors
 from dspark_offline.train.dataset import FeatureDataset, collate, loader_workers
@@ -41,6 +41,7 @@ from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_met
 from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
 from dspark_offline.train.schedule import WarmupCosine, make_scheduler
 from dspark_offline.train.selection import select_samples
+from dspark_offline.train.step import local_sums, pooled_loss
 from dspark_offline.train.validate import Validator, split_validation
 from dspark_offline.train.vocab import training_vocabulary
 
@@ -117,11 +118,11 @@ def run(params: Params) -> dict:
         meta = checkpoint.load(engine, resume_from)
         step, pos, values = int(meta["step"]), SamplerPosition(**meta["sampler"]), meta.get("metrics", {})
         resumed_val = meta.get("val_metrics", {})
-        lr_scheduler.lr_lambdas = [schedule]  # this run's plan decides the rest of the curve
         _say(f"resumed from {resume_from} at step {step} (epoch {pos.epoch}, sample {pos.index})", info.is_main)
     elif tc.resume:
         _say(f"train.resume: no checkpoint in {out_dir}, starting fresh", info.is_main)
 
+    loss_cfg = LossConfig.from_train(tc)
     sampler = ResumableSampler(len(indices), micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
                                world_size=info.world_size, rank=info.rank, seed=tc.seed, position=pos)
     cache_bytes = int(tc.cache_gb * 2**30)
@@ -132,7 +133,7 @@ def run(params: Params) -> dict:
     val_sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step, name="val", columns=VAL_COLUMNS)
     validator = None
     if len(val_indices):
-        validator = Validator(FeatureDataset(store, val_indices, tc.max_length, cache_bytes), tc,
+        validator = Validator(FeatureDataset(store, val_indices, tc.max_length, cache_bytes), loss_cfg,
                               micro_batch_size=tc.micro_batch_size, num_anchors=tc.num_anchors, seed=tc.seed,
                               rank=info.rank, world_size=info.world_size, device=info.device)
     val_values: dict = resumed_val  # the last validation before the checkpoint resumed from
@@ -157,13 +158,14 @@ def run(params: Params) -> dict:
             batch = next(batches)
             anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, step)
             batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, m = dspark_loss(engine, batch, anchors.to(info.device), keep.to(info.device), tc)
+            sums = local_sums(engine, batch, anchors.to(info.device), keep.to(info.device), loss_cfg)
+            loss = pooled_loss(sums, loss_cfg)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update (clipped) at the accumulation boundary
-            micro.append((loss.item(), m))
+            micro.append((loss.item(), sums.detach()))
             tokens += int(batch["lengths"].sum())
         step, pos = step + 1, sampler.advance(pos)
-        values = pool_step_metrics(micro, tokens, info.device)
+        values = pool_step_metrics(micro, tokens, loss_cfg, info.device)
         values.update(lr=lr, tokens_per_s=values["tokens"] / (time.perf_counter() - t0))
         if step % tc.log_every == 0 or step == plan.total_steps:
             sink.log(step, values)

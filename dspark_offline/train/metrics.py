@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_offline.model.loss import confidence_skill
+from dspark_offline.model import LossConfig, LossSums
 
 COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "conf_skill", "acc", "tau_probabilistic",
            "tau_greedy", "lr", "tokens_per_s")
@@ -79,58 +79,38 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
     return [{c: float(v) for c, v in zip(cols, ln.split("\t"), strict=True)} for ln in lines[1:] if ln]
 
 
-# (metric, the count it is a mean over); every mean is re-pooled with its own count
-_POOLED = (("ce", "weight"), ("l1", "weight"), ("conf", "weight"), ("conf_target", "weight"),
-           ("conf_floor", "weight"), ("accuracy", "tokens"), ("tau_probabilistic", "blocks"),
-           ("tau_greedy", "blocks"), ("outside_vocab", "tokens"))
-
-
-def pool_step_metrics(micro: list[tuple[float, dict[str, float]]], tokens: int, device) -> dict[str, float]:
+def pool_step_metrics(micro: list[tuple[float, LossSums]], tokens: int, cfg: LossConfig, device
+                      ) -> dict[str, float]:
     """One optimizer step's metrics over its micro-batches and all data-parallel ranks.
 
-    ``micro`` holds (loss, metrics) per micro-batch, ``metrics`` as returned by ``dspark_loss``
-    (per-rank weighted means plus their weights). Each mean is re-pooled with its own weight
-    (ce/l1/conf terms by Σw, accuracy by tokens, tau by blocks), so the logged value is the same
-    token-pooled number one process with the whole batch would log; ``conf_excess`` and
-    ``conf_skill`` are derived from the pooled confidence terms. ``loss`` is already pooled
-    per micro-batch (each rank returns world x its share of the pooled mean), so it is averaged
-    over ranks and micro-batches. ``tokens`` (this rank's input tokens of the step) is summed
-    over ranks. Collective: every rank must call it (once).
+    ``micro`` holds (loss, sums) per micro-batch: the loss backpropagated and its ``LossSums``.
+    The sums are pooled and the metrics derived from them (``LossSums.metrics``), so each is
+    the token-pooled number one process with the whole batch would log. ``loss`` is the value
+    that was optimised (each rank's is world x its share of the pooled mean, so it is averaged
+    over ranks and micro-batches; it equals the derived one up to float32 rounding).
+    ``tokens`` (this rank's input tokens of the step) is summed over ranks. Collective: every
+    rank must call it (once).
     """
     totals = (sum(float(loss) for loss, _ in micro), float(tokens))
-    out, (loss_sum, all_tokens) = pool_metrics([m for _, m in micro], device, totals=totals)
+    block_size = micro[0][1].tokens.numel()
+    sums, (loss_sum, all_tokens) = pool_sums([s for _, s in micro], block_size, device, totals=totals)
+    out = sums.metrics(cfg)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     out["loss"] = loss_sum / (len(micro) * world)
     out["tokens"] = all_tokens  # input tokens of the step over all ranks
     return out
 
 
-def pool_metrics(parts: list[dict[str, float]], device, *, totals: tuple[float, ...] = ()
-                 ) -> tuple[dict[str, float], list[float]]:
-    """Pool ``dspark_loss`` metrics of several batches (this rank's) and all ranks (one all-reduce
-    when torch.distributed is up; collective). Returns the pooled metrics (ce, l1, conf,
-    conf_target, conf_floor, conf_excess, conf_skill, acc, tau_probabilistic, tau_greedy,
-    outside_vocab, supervised_tokens =
-    evaluated slots) and ``totals`` summed over ranks in the same all-reduce."""
-    n = 2 * len(_POOLED)
-    sums = torch.zeros(n + len(totals), dtype=torch.float64)  # [Σ count·mean, Σ count] per metric, totals
-    sums[n:] = torch.tensor(totals, dtype=torch.float64)
-    for m in parts:
-        for k, (name, count) in enumerate(_POOLED):
-            w = float(m.get(count, 0.0))
-            if w > 0 and math.isfinite(m.get(name, math.nan)):
-                sums[2 * k] += w * float(m[name])
-                sums[2 * k + 1] += w
+def pool_sums(parts: list[LossSums], block_size: int, device, *, totals: tuple[float, ...] = ()
+              ) -> tuple[LossSums, list[float]]:
+    """The sum of several batches' ``LossSums`` (this rank's, maybe none) over all ranks, in
+    float64 (one all-reduce when torch.distributed is up; collective), and ``totals`` summed
+    over ranks in the same all-reduce."""
+    local = sum((p.detach() for p in parts), LossSums.zeros(block_size)).as_vector()
+    vec = torch.cat([local, torch.tensor(totals, dtype=torch.float64)])
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        sums = sums.to(device)
-        torch.distributed.all_reduce(sums)
-        sums = sums.cpu()
-    out: dict[str, float] = {}
-    for k, (name, _) in enumerate(_POOLED):
-        den = float(sums[2 * k + 1])
-        out[name] = float(sums[2 * k]) / den if den > 0 else math.nan
-    out["acc"] = out.pop("accuracy")
-    out["supervised_tokens"] = float(sums[2 * [name for name, _ in _POOLED].index("accuracy") + 1])
-    out["conf_excess"] = out["conf"] - out["conf_floor"]
-    out["conf_skill"] = confidence_skill(out["conf_excess"], out["conf_target"], out["conf_floor"])
-    return out, [float(x) for x in sums[n:]]
+        vec = vec.to(device)
+        torch.distributed.all_reduce(vec)
+        vec = vec.cpu()
+    n = local.numel()
+    return LossSums.from_vector(vec[:n]), [float(x) for x in vec[n:]]

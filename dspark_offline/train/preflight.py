@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_offline.config import Params
-from dspark_offline.model.loss import needs_final_hidden
+from dspark_offline.model.l1 import needs_final_hidden
 from dspark_offline.outputs import check_output_dir
 from dspark_offline.store import FeatureStore, StoreError, open_store
 from dspark_offline.store.manifest import StoreMismatchError, check_compatible

@@ -2,7 +2,9 @@
 
 Expressed as a multiplier of the peak LR so it plugs into ``torch.optim.lr_scheduler.LambdaLR``;
 DeepSpeed steps that scheduler at every optimizer step and saves its position in the
-checkpoint, so a resumed run continues on the same curve.
+checkpoint, so a resumed run continues from the same step. The curve itself is this run's
+plan (a resume with ``train.allow_param_change`` and more steps stretches it), not the
+checkpoint's: the checkpoint records the plan in its ``meta.json``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class WarmupCosine:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based: the LR used by update step+1).
-
-    A dataclass rather than a closure so ``LambdaLR.state_dict()`` records its parameters.
-    """
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based: the LR used by update step+1)."""
 
     total_steps: int
     warmup_steps: int
@@ -54,5 +53,14 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, schedule: WarmupCosine
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over the optimizer's param groups (the peak LR is each group's ``lr``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
+    """A LambdaLR over the optimizer's param groups (the peak LR is each group's ``lr``).
+
+    LambdaLR saves the attributes of a callable object in its state dict and writes them back
+    into the object on load, so a resumed run handed ``schedule`` itself would silently take the
+    checkpoint's total/warmup steps; a plain function has no state to save or restore.
+    """
+
+    def multiplier(step: int) -> float:
+        return schedule(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=multiplier)

@@ -8,7 +8,7 @@ rows in ``metrics/val.tsv`` can be compared step with step.
 The confidence BCE is not comparable that way on its own: its soft target (the acceptance
 probability of the drafter being trained) spreads out as the drafter improves, which raises
 the BCE's entropy floor and the excess over it. ``conf_skill`` (see
-``model.loss.confidence_skill``) scores the head against the best constant guess for the same
+``model.confidence.confidence_skill``) scores the head against the best constant guess for the same
 targets, which is.
 
 Data parallel: rank r scores held-out items r, r + world, …; the sums are pooled over ranks
@@ -18,16 +18,16 @@ Data parallel: rank r scores held-out items r, r + world, …; the sums are pool
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
-from dspark_offline.model import dspark_loss
+from dspark_offline.model import LossConfig, LossSums
 from dspark_offline.train.anchors import batch_anchors
 from dspark_offline.train.dataset import FeatureDataset, collate
-from dspark_offline.train.metrics import pool_metrics
+from dspark_offline.train.metrics import pool_sums
 from dspark_offline.train.seeds import seed_for
+from dspark_offline.train.step import drafter_of, local_sums
 
 _SPLIT_TAG = 0x7A1  # mixed into the run seed for the held-out draw
 ANCHOR_STEP = -1  # anchors are drawn as for a "step" no training step uses: fixed across evaluations
@@ -59,7 +59,7 @@ def split_validation(indices: np.ndarray, val_samples: int, seed: int) -> tuple[
 class Validator:
     """Scores a model on the held-out samples; call it at every evaluation step (all ranks)."""
 
-    def __init__(self, dataset: FeatureDataset, loss_cfg: Any, *, micro_batch_size: int, num_anchors: int,
+    def __init__(self, dataset: FeatureDataset, loss_cfg: LossConfig, *, micro_batch_size: int, num_anchors: int,
                  seed: int, rank: int, world_size: int, device: torch.device) -> None:
         self.dataset = dataset
         self.loss_cfg = loss_cfg
@@ -73,32 +73,29 @@ class Validator:
         return len(self.dataset)
 
     def __call__(self, model) -> dict[str, float]:
-        """Pooled metrics over all held-out samples: loss (α-weighted like the training loss),
-        ce, l1, conf, conf_floor, conf_excess, conf_skill, acc, tau_probabilistic, tau_greedy, and
-        seconds. Always over the whole vocabulary (a training vocabulary is set aside meanwhile),
-        so the numbers are those of the exported drafter."""
+        """The metrics (``LossSums.metrics``) pooled over all held-out samples, and ``seconds``.
+        Always over the whole vocabulary (a training vocabulary is set aside meanwhile), so the
+        numbers are those of the exported drafter. ``model``: the DeepSpeed engine (or drafter)."""
         t0 = time.perf_counter()
-        core = getattr(model, "module", model)
-        train_vocab = core.train_vocab  # scored over the whole vocabulary, as the export is served
-        core.set_train_vocab(None)
+        drafter = drafter_of(model)
+        train_vocab = drafter.train_vocab  # scored over the whole vocabulary, as the export is served
+        drafter.set_train_vocab(None)
         try:
             parts = self._score(model)
         finally:
-            core.set_train_vocab(train_vocab)
-        out, _ = pool_metrics(parts, self.device)
-        c = self.loss_cfg
-        out["loss"] = c.ce_weight * out["ce"] + c.l1_weight * out["l1"] + c.confidence_weight * out["conf"]
+            drafter.set_train_vocab(train_vocab)
+        sums, _ = pool_sums(parts, drafter.cfg.block_size, self.device)
+        out = sums.metrics(self.loss_cfg)
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    def _score(self, model) -> list[dict[str, float]]:
+    def _score(self, model) -> list[LossSums]:
         parts = []
         with torch.no_grad():
             for lo in range(0, len(self.items), self.micro_batch_size):
                 batch = collate([self.dataset[k] for k in self.items[lo : lo + self.micro_batch_size]])
                 anchors, keep = batch_anchors(batch, self.num_anchors, self.seed, ANCHOR_STEP)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                _, m = dspark_loss(model, batch, anchors.to(self.device), keep.to(self.device), self.loss_cfg,
-                                   dp_reduce=False)
-                parts.append(m)
+                parts.append(local_sums(model, batch, anchors.to(self.device), keep.to(self.device),
+                                        self.loss_cfg).detach())
         return parts
