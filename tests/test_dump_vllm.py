@@ -129,8 +129,17 @@ def _start(cli: list[str], params: Path, tmp: Path, *sets: str) -> subprocess.Po
     env = dict(os.environ, TMPDIR=str(tmp / "tmp"), PYTHONUNBUFFERED="1")
     cmd = [*cli, "dump", "-p", str(params), "-S", "dump.backend=vllm", *[a for s in sets for a in ("-S", s)]]
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        preexec_fn=_terminal_signals,
     )
+
+
+def _terminal_signals() -> None:
+    """Ctrl-C as in a terminal: a shell that runs CI in the background (`cmd &`) starts it with
+    SIGINT ignored, which every child inherits, and Python then installs no KeyboardInterrupt
+    handler; the dump would keep running while vLLM's engine process, which sets its own
+    handlers, dies of the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
