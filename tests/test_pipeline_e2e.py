@@ -51,6 +51,9 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     report = json.loads((repo / "data/generated/report.json").read_text())
     assert report["samples"] >= 1 and report["generated_tokens"] >= report["samples"]
     manifest = json.loads((repo / "data/features.zarr/zarr.json").read_text())["attributes"]["dspark_offline"]
+    # DVC knows the store by its completion record only
+    record = json.loads((repo / "data/features.zarr.complete.json").read_text())
+    assert record["params_fingerprint"] == manifest["params_fingerprint"]
     assert manifest["data"]["prepared_path"] == "data/generated"
     metrics = json.loads((repo / "runs/tiny/eval.json").read_text())
     assert metrics["tau"] >= 1.0 and metrics["tau_prompt_lookup"] >= 1.0 and metrics["lossless"] is True
