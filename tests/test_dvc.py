@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from synthetic_store import inflate_shards, make_store
 
@@ -144,7 +143,6 @@ def _run(cmd: list[str], repo: Path) -> tuple[float, subprocess.CompletedProcess
     return time.perf_counter() - t0, proc
 
 
-@pytest.mark.slow
 def test_dvc_bookkeeping_does_not_read_the_store(tmp_path):
     """A store of hundreds of shards of 1 GiB each (sparse: no disk used): `dvc commit` and
     `dvc status` of the dump stage take seconds, where hashing the store would take minutes; a
