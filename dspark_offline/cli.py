@@ -134,12 +134,19 @@ def dump(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     store: Annotated[Optional[str], typer.Option(help="Feature store path or fsspec URL.")] = None,
-    num_parts: Annotated[Optional[int], typer.Option(help="Total parts (= workers).")] = None,
-    part_index: Annotated[Optional[int], typer.Option(help="The part this worker writes (default: all).")] = None,
+    num_parts: Annotated[
+        Optional[int],
+        typer.Option(help="Total parts (default: one per launcher process, 1 without a launcher)."),
+    ] = None,
+    part_index: Annotated[
+        Optional[int],
+        typer.Option(help="The part this worker writes (default: its launcher rank's parts, else all)."),
+    ] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
 ) -> None:
     """Run the target once over the training data (generate.output when generate.enabled, else
-    prepare.output) and write the Zarr feature store (resumable)."""
+    prepare.output) and write the Zarr feature store (resumable). Under torchrun, the deepspeed
+    launcher or srun, each process writes its rank's parts on its local GPU."""
     p = build_params(
         params,
         set_,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dspark_offline.params_file import ParamsError, read_params_file  # noqa: F401 - ParamsError re-exported
+from dspark_offline.params_file import ParamsError, read_params_file
 
 EMBEDDED_TARGET = "embedded:smollm2"
 EMBEDDED_DATA = "embedded:sharegpt"
@@ -197,9 +197,14 @@ class DumpConfig(_Section):
     chunk_tokens: int = Field(256, ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading).")
     compressor: Literal["zstd", "blosc", "none"] = Field("zstd", description="Codec for feature arrays.")
     compression_level: int = Field(1, ge=0, le=22, description="Codec level.")
-    num_parts: int = Field(1, ge=1, description="Number of store parts = number of dump workers.")
+    num_parts: int | None = Field(
+        None, ge=1, description="Number of store parts (each written by one process); None = one per "
+        "process of the launcher that started the dump (torchrun, deepspeed, srun), 1 without one. Under "
+        "a launcher it must be a multiple of the number of processes: rank r writes parts r, r + W, ..."
+    )
     part_index: int | None = Field(
-        None, ge=0, description="Which part this process writes; None = all parts, one after another."
+        None, ge=0, description="Which part this process writes (overrides a launcher's rank); None = "
+        "the parts of this process's launcher rank, or without a launcher all parts, one after another."
     )
     overwrite: bool = Field(False, description="Replace a store made from different inputs or params.")
 
@@ -359,7 +364,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _check_parts(self) -> Params:
-        if self.dump.part_index is not None and self.dump.part_index >= self.dump.num_parts:
+        num_parts = self.dump.num_parts
+        if self.dump.part_index is not None and num_parts is not None and self.dump.part_index >= num_parts:
             raise ValueError(
                 f"dump.part_index={self.dump.part_index} must be < dump.num_parts={self.dump.num_parts}"
             )

@@ -6,13 +6,16 @@
 
 The target runs once per shard that is not yet recorded done, so a killed dump resumed with
 the same params redoes at most the shards that were in flight. With `dump.part_index` set,
-this process writes only that part (one worker of many); otherwise it writes every part in
-turn. CPU smoke run: `dspark-offline dump` with the embedded defaults.
+this process writes only that part (one worker of many); under torchrun / deepspeed / srun,
+the parts of its rank (`launch.py`); otherwise every part in turn. The process that completes
+the last part writes the store's completion record, its identity for DVC (`store/record.py`).
+CPU smoke run: `dspark-offline dump` with the embedded defaults.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dspark_offline import __version__
+from dspark_offline import __version__, launch
 from dspark_offline.config import Params, ParamsError
 from dspark_offline.outputs import check_output_dir
 from dspark_offline.store.background import BackgroundWriter
@@ -38,6 +41,7 @@ from dspark_offline.store.manifest import (
 )
 from dspark_offline.store.manifest import params_fingerprint as fingerprint_of
 from dspark_offline.store.plan import PartPlan, ShardPlan, effective_sizes, part_name, plan_part
+from dspark_offline.store.record import is_complete, record_path, remove_record, write_record
 from dspark_offline.store.writer import PartState, open_part, open_store_for_write
 from dspark_offline.target.backend import TargetBackend, TargetBackendClass
 from dspark_offline.target.layers import LAYER_ID_CONVENTION, resolve_layer_ids
@@ -215,12 +219,42 @@ def run(params: Params) -> str:
     stops at once with a `StoreLockedError` naming this one (`store/lock.py`). The target backend
     is closed whatever happens (success, error, Ctrl-C): the vLLM backend's engine is shut down
     and its temporary files are removed."""
+    params, parts = _for_this_process(params)
     cfg = params.dump
     check_output_dir(cfg.store, "dump.store")
-    parts = list(range(cfg.num_parts)) if cfg.part_index is None else [cfg.part_index]
     with part_locks(cfg.store, [part_name(p) for p in parts]):
+        remove_record(cfg.store)  # the store is about to change: it is not recorded complete until it is
         _dump(params, parts)
+        if is_complete(cfg.store):  # the process that completes the last part records the whole store
+            write_record(cfg.store)
+            _say(f"store complete: wrote its completion record {record_path(cfg.store)}")
     return cfg.store
+
+
+def _for_this_process(params: Params) -> tuple[Params, list[int]]:
+    """The params of this process (`dump.num_parts` resolved, the target on this rank's GPU) and the
+    parts it writes: under torchrun / deepspeed / srun from the launcher's variables
+    (`dspark_offline/launch.py`), an explicit `dump.part_index` first."""
+    cfg, device = params.dump, params.target.device
+    run_as = launch.from_env()
+    num_parts, parts = launch.assign_parts(cfg.num_parts, cfg.part_index, run_as)
+    if run_as is not None:
+        gpus = torch.cuda.device_count()
+        if cfg.backend == "vllm":  # vLLM takes its GPU from CUDA_VISIBLE_DEVICES, not from a device index
+            pinned = launch.vllm_visible_devices(run_as, os.environ.get("CUDA_VISIBLE_DEVICES"), gpus)
+            if pinned is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = pinned
+        else:
+            device = launch.local_device(device, run_as, gpus)
+        _say(
+            f"{run_as.launcher}: rank {run_as.rank} of {run_as.world_size} (local rank {run_as.local_rank}) "
+            f"writes part(s) {parts} of {num_parts}"
+            + (f" on {device}" if cfg.backend == "hf" else "")
+        )
+    return params.model_copy(update={
+        "dump": cfg.model_copy(update={"num_parts": num_parts}),
+        "target": params.target.model_copy(update={"device": device}),
+    }), parts
 
 
 def _dump(params: Params, parts: list[int]) -> None:

@@ -101,3 +101,43 @@ def make_store(
                 arrays["final_hidden"] = to_storage(final[sl], "float32")
             part.write_shard(sh, arrays)
     return Path(path)
+
+
+def inflate_shards(path: str | Path, extra_bytes: int) -> int:
+    """Make every shard of every part array `extra_bytes` larger without using disk: a hole (a
+    sparse region) is put in front of the shard's data and its index offsets are shifted (crc32c
+    recomputed), so the store stays valid and reads the same values. Returns the shards inflated.
+
+    This gives tests a store of "many large shards" (hundreds of GB apparent) that costs nothing,
+    for checking that something does not read the store's bytes (DVC) or reads only shard indexes.
+    """
+    import os
+
+    import google_crc32c
+    import zarr
+
+    from dspark_offline.store.objects import all_coords, object_key, shard_index_bytes
+
+    root, count = zarr.open_group(str(path), mode="r"), 0
+    for name, group in root.groups():
+        if not name.startswith("part-"):
+            continue
+        for _, arr in group.arrays():
+            size = shard_index_bytes(arr)
+            if size is None:
+                continue
+            for c in all_coords(arr):
+                file = Path(path) / object_key(arr, c)
+                data = file.read_bytes()
+                entries = np.frombuffer(data[-size:-4], dtype="<u8").reshape(-1, 2).copy()  # (offset, nbytes)
+                present = ~(entries == np.uint64(2**64 - 1)).all(axis=1)
+                entries[present, 0] += np.uint64(extra_bytes)
+                index = entries.tobytes()
+                tmp = file.with_name(file.name + ".inflating")
+                with open(tmp, "wb") as f:
+                    f.seek(extra_bytes)  # the hole: no disk blocks
+                    f.write(data[:-size])
+                    f.write(index + google_crc32c.value(index).to_bytes(4, "little"))
+                os.replace(tmp, file)
+                count += 1
+    return count

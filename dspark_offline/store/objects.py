@@ -93,6 +93,31 @@ def _absent_chunks(data: bytes | None, n: int) -> tuple[str | None, np.ndarray]:
     return None, np.flatnonzero((entries == _EMPTY).all(axis=1))
 
 
+def read_suffixes(arr: zarr.Array, coords: list[tuple[int, ...]], nbytes: int) -> list[bytes | None]:
+    """The last `nbytes` bytes of each object at `coords` (None for an absent object), read
+    concurrently: a shard's index, or the crc32c that ends every chunk of our codec chain."""
+    store = arr.store_path.store
+
+    async def read_all():
+        async def one(c):
+            try:
+                buf = await store.get(object_key(arr, c), default_buffer_prototype(), SuffixByteRequest(nbytes))
+            except MissingChunkError:
+                return None
+            return None if buf is None else buf.to_bytes()
+
+        return await asyncio.gather(*(one(c) for c in coords))
+
+    return sync(read_all()) if coords else []
+
+
+def shard_index_bytes(arr: zarr.Array) -> int | None:
+    """Size of the index at the end of each shard of `arr`; None when it is not sharded (or its
+    index is not the layout read here)."""
+    grid = _inner_grid(arr)
+    return None if grid is None else 16 * math.prod(grid[1]) + 4
+
+
 def damaged_objects(
     arr: zarr.Array, coords: list[tuple[int, ...]], needed: Callable[[int, int], bool] | None = None
 ) -> dict[tuple[int, ...], str]:
@@ -110,20 +135,7 @@ def damaged_objects(
         return bad
     inner, per_shard = grid
     n, outer = math.prod(per_shard), arr.metadata.chunk_grid.chunk_shape
-    store = arr.store_path.store
-
-    async def read_indexes():
-        async def one(c):
-            request = SuffixByteRequest(16 * n + 4)
-            try:
-                buf = await store.get(object_key(arr, c), default_buffer_prototype(), request)
-            except MissingChunkError:
-                return None
-            return None if buf is None else buf.to_bytes()
-
-        return await asyncio.gather(*(one(c) for c in check))
-
-    for c, data in zip(check, sync(read_indexes())):
+    for c, data in zip(check, read_suffixes(arr, check, 16 * n + 4)):
         why, absent = _absent_chunks(data, n)
         # an inner chunk wholly past the end of the array (in the last shard) is never written
         starts = [
