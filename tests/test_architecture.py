@@ -51,6 +51,7 @@ LAYERS = {
     "errors": FOUNDATION,
     "outputs": FOUNDATION,
     "linalg": FOUNDATION,
+    "launch": FOUNDATION,
     "entry": FOUNDATION,
     "__init__": FOUNDATION,
 }
