@@ -153,7 +153,7 @@ def interleaved(params, batches: list, repeats: int) -> tuple[float, float]:
     path = resolve_target_path(params.target.path, params.target.cache_dir)
     layer_ids = resolve_layer_ids(cfg.layer_ids, AutoConfig.from_pretrained(path).num_hidden_layers, cfg.num_layer_ids)
     target = HFTarget(
-        params.target.path, layer_ids=layer_ids, top_k=cfg.top_k, store_final_hidden=cfg.store_final_hidden,
+        params.target.path, layer_ids=layer_ids, top_k=cfg.top_k, store_final_hidden=params.dump_final_hidden(),
         dtype=params.target.dtype, device=params.target.device, cache_dir=params.target.cache_dir,
     )
     ours = bare = 0.0

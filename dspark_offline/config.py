@@ -17,6 +17,7 @@ from dspark_offline.params_file import ParamsError, read_params_file
 
 EMBEDDED_TARGET = "embedded:smollm2"
 EMBEDDED_DATA = "embedded:sharegpt"
+FINAL_HIDDEN_L1_MODES = frozenset({"recompute", "exact"})  # train.l1_mode values that read final_hidden
 
 
 class _Section(BaseModel):
@@ -183,11 +184,16 @@ class DumpConfig(_Section):
     )
     num_layer_ids: int = Field(5, ge=1, description="How many layer ids to pick when layer_ids is None.")
     top_k: int = Field(64, ge=1, description="Entries of the target next-token distribution to store.")
-    store_final_hidden: bool = Field(
-        True, description="Also store the final post-norm hidden state (enables exact L1)."
+    store_final_hidden: bool | Literal["auto"] = Field(
+        "auto", description="Also store the final post-norm hidden state [T, H] (what train.l1_mode "
+        "'recompute' and 'exact' read; 'capped' and 'topk' do not). 'auto' = store it when train.l1_mode "
+        "reads it. Without it a store is smaller (904 of 5,812 B/token on the embedded default, README) "
+        "and trains only with l1_mode 'capped' or 'topk', lower bounds of the exact L1."
     )
-    hidden_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of stored hidden states; 'auto' = the target compute dtype (bit-exact)."
+    hidden_dtype: Literal["auto", "float32", "bfloat16", "float16", "float8_e4m3"] = Field(
+        "auto", description="Dtype of stored hidden states; 'auto' = the target compute dtype (bit-exact). "
+        "'float8_e4m3' = 1 byte per value plus a bfloat16 scale per token per layer (amax / 448; "
+        "store/fp8.py), decoded to float32 by the reader; final_hidden is then stored in bfloat16."
     )
     batch_tokens: int = Field(8192, ge=1, description="Token budget of one target forward (padded B x S).")
     shard_tokens: int = Field(
@@ -356,6 +362,13 @@ class Params(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2: training.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Serving export.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Speculative decoding eval.")
+
+    def dump_final_hidden(self) -> bool:
+        """Whether the dump stores final_hidden: dump.store_final_hidden, where 'auto' = whether
+        train.l1_mode reads it."""
+        if self.dump.store_final_hidden == "auto":
+            return self.train.l1_mode in FINAL_HIDDEN_L1_MODES
+        return self.dump.store_final_hidden
 
     def train_data_dir(self) -> str:
         """The prepared-data directory `dump` reads: generate.output when generation is on,

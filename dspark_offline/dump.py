@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dspark_offline import __version__, launch
 from dspark_offline.config import Params, ParamsError
 from dspark_offline.outputs import check_output_dir
+from dspark_offline.store import fp8
 from dspark_offline.store.background import BackgroundWriter
 from dspark_offline.store.dtypes import storage_dtype, to_storage
 from dspark_offline.store.lock import part_locks
@@ -98,6 +99,9 @@ def build_manifest(
     """The manifest of this dump, fingerprint included."""
     cfg = params.dump
     hidden = info["dtype"] if cfg.hidden_dtype == "auto" else cfg.hidden_dtype
+    store_final = params.dump_final_hidden()
+    # final_hidden feeds the L1 target's logits: float8's 3-bit mantissa would cost accuracy there
+    final = ("bfloat16" if hidden == fp8.FP8_DTYPE else hidden) if store_final else None
     target = TargetInfo(
         **{**{k: info[k] for k in TargetInfo.model_fields if k in info}, "name": params.target.path}
     )
@@ -109,9 +113,12 @@ def build_manifest(
         "layer_id_convention": LAYER_ID_CONVENTION,
         "top_k": cfg.top_k,
         "dtypes": ArrayDtypes(
-            hidden=hidden, final_hidden=hidden if cfg.store_final_hidden else None, head=info["dtype"]
+            hidden=hidden,
+            hidden_scale=fp8.SCALE_DTYPE if hidden == fp8.FP8_DTYPE else None,
+            final_hidden=final,
+            head=info["dtype"],
         ),
-        "has_final_hidden": cfg.store_final_hidden,
+        "has_final_hidden": store_final,
         "num_parts": cfg.num_parts,
         "shard_tokens": shard_tokens,
         "chunk_tokens": chunk_tokens,
@@ -178,11 +185,27 @@ def _compute_shard(target: TargetBackend, split, state: PartState, shard: ShardP
         out = target.forward(ids, attn)
         for b, r in enumerate(members):
             off, n = int(plan.sample_start[r]) - shard.start, int(lens[b])
-            for name, (logical, _) in state.specs.items():
-                value = getattr(out, name)[b, :n]  # [n, ...]
-                bufs[name][off : off + n] = to_storage(value, logical)
+            src = int(plan.source_index[r])
+            where = f"{split.root}/{SPLIT}: sample {src} (sample_id {int(split.sample_ids[src])})"
+            for name, value in _stored_arrays(out, b, n, state, where).items():
+                bufs[name][off : off + n] = value
         bar.update(int(lens.sum()))
     return bufs
+
+
+def _stored_arrays(out, b: int, n: int, state: PartState, where: str) -> dict[str, np.ndarray]:
+    """Row `b` (first `n` tokens) of a target output in the storage dtypes of the part's arrays;
+    float8 hidden states are encoded with their scales (`hidden_scale`), never cast."""
+    arrays = {}
+    for name, (logical, _) in state.specs.items():
+        if name == "hidden_scale":
+            continue  # written with `hidden`
+        value = getattr(out, name)[b, :n]  # [n, ...]
+        if logical == fp8.FP8_DTYPE:
+            arrays[name], arrays["hidden_scale"] = fp8.encode(value, where, state.manifest.layer_ids)
+        else:
+            arrays[name] = to_storage(value, logical)
+    return arrays
 
 
 def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest: int) -> TargetBackend:
@@ -205,7 +228,7 @@ def _open_target(params: Params, target_dir: Path, layer_ids: list[int], longest
         target_dir,
         layer_ids=layer_ids,
         top_k=cfg.top_k,
-        store_final_hidden=cfg.store_final_hidden,
+        store_final_hidden=params.dump_final_hidden(),
         dtype=params.target.dtype,
         device=params.target.device,
     )
@@ -312,9 +335,11 @@ def _dump_with(
         f"{sum(len(p.shards) for p in plans)} shards, "
         f"{sum(p.num_tokens for p in plans)} tokens in {sum(p.num_positions for p in plans)} positions"
     )
+    scales = f" + {manifest.dtypes.hidden_scale} scale per layer" if manifest.dtypes.hidden_scale else ""
+    final = manifest.dtypes.final_hidden or f"not stored (dump.store_final_hidden={cfg.store_final_hidden})"
     _say(
-        f"per token: hidden {L}x{H} {manifest.dtypes.hidden}, final_hidden "
-        f"{manifest.dtypes.final_hidden or 'no'}, top-{K}; params_fingerprint {manifest.params_fingerprint}"
+        f"per token: hidden {L}x{H} {manifest.dtypes.hidden}{scales}, final_hidden {final}, top-{K}; "
+        f"params_fingerprint {manifest.params_fingerprint}"
     )
 
     with _storage_errors(cfg.store):

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from dspark_offline.config import FINAL_HIDDEN_L1_MODES
 from dspark_offline.linalg import vocab_logits
 
 L1_MODES = ("topk", "capped", "recompute", "exact")
@@ -32,7 +33,7 @@ L1_MODES = ("topk", "capped", "recompute", "exact")
 
 def needs_final_hidden(l1_mode: str) -> bool:
     """Whether an `l1_mode` reads the target's final hidden state (`final_hidden`)."""
-    return l1_mode in ("recompute", "exact")
+    return l1_mode in FINAL_HIDDEN_L1_MODES
 
 
 def acceptance(l1: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,11 @@ def _backend_line(backend: dict | None) -> str:
     return f"{backend['name']} on {backend['device']}  ({versions})"
 
 
+def _scale_note(dtypes: dict) -> str:
+    scale = dtypes.get("hidden_scale")
+    return f" (x {scale} scale per token per layer)" if scale else ""
+
+
 def format_inspect(info: dict) -> str:
     """Readable text of an `inspect` result."""
     m, t = info["manifest"], info["manifest"]["target"]
@@ -98,7 +103,7 @@ def format_inspect(info: dict) -> str:
             f"final_hidden={'yes' if m['has_final_hidden'] else 'no'}"
         ),
         (
-            f"dtypes     hidden={m['dtypes']['hidden']} head={m['dtypes']['head']}   "
+            f"dtypes     hidden={m['dtypes']['hidden']}{_scale_note(m['dtypes'])} head={m['dtypes']['head']}   "
             f"shard_tokens={m['shard_tokens']} chunk_tokens={m['chunk_tokens']}   "
             f"{m['compressor']}:{m['compression_level']}"
         ),

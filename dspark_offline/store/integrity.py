@@ -15,7 +15,7 @@ A missing chunk or shard is an error, never a fill value. Two guards, both on by
 Which objects must exist is derived from each array's own metadata (shape and chunk / shard
 grid), so stores written before this check are covered as well: every object of the grid for
 the target head, `input_ids`, `loss_mask` and the sample index; for the feature arrays
-(`hidden`, `final_hidden`, `topk_*`) the shards the part's attrs list in `shards_done`. The
+(`hidden`, `hidden_scale`, `final_hidden`, `topk_*`) the shards the part's attrs list in `shards_done`. The
 writer now creates and writes every array with `write_empty_chunks`, so an all-zero chunk is an
 object like any other (part attrs `write_empty_chunks: true`). Older writers skipped all-zero
 chunks in two places, the only absences tolerated in parts without that attribute: inner
@@ -40,6 +40,7 @@ from dspark_offline.store.manifest import (
     Manifest,
     MissingChunkError,
     StoreIntegrityError,
+    feature_specs,
     fingerprint_fields,
     params_fingerprint,
 )
@@ -212,15 +213,8 @@ def part_problems(root: zarr.Group, m: Manifest, name: str, report: Report | Non
                 report.add(line)
             if legacy:
                 needed = _covered_by_samples(T, start, length)
-    L, H, K = len(m.layer_ids), m.target.hidden_size, m.top_k
-    specs = {
-        "input_ids": ("int32", (T,)),
-        "loss_mask": ("uint8", (T,)),
-        "hidden": (m.dtypes.hidden, (T, L, H)),
-    }
-    if m.has_final_hidden:
-        specs["final_hidden"] = (m.dtypes.final_hidden, (T, H))
-    specs.update(topk_ids=("int32", (T, K)), topk_probs=("float16", (T, K)))
+    specs = {"input_ids": ("int32", (T,)), "loss_mask": ("uint8", (T,))}
+    specs.update({n: (logical, (T, *trailing)) for n, (logical, trailing) in feature_specs(m).items()})
     for n, (logical, shape) in specs.items():
         where = f"{name}/{n}"
         arr = _open_array(group, n, where, report)

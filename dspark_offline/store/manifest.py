@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FORMAT_NAME = "dspark-offline-features"
 FORMAT_VERSION = 1
@@ -81,11 +81,19 @@ class DataInfo(_Model):
 
 
 class ArrayDtypes(_Model):
-    """Logical dtypes of the arrays (bfloat16 is stored as uint16 bits, see store/dtypes.py)."""
+    """Logical dtypes of the arrays (bfloat16 is stored as uint16 bits, float8_e4m3 as uint8 bits,
+    see store/dtypes.py)."""
 
     input_ids: Literal["int32"] = Field("int32", description="Token ids.")
     loss_mask: Literal["uint8"] = Field("uint8", description="1 on supervised (assistant) tokens.")
-    hidden: Literal["float32", "bfloat16", "float16"] = Field(description="Target layer states.")
+    hidden: Literal["float32", "bfloat16", "float16", "float8_e4m3"] = Field(
+        description="Target layer states. 'float8_e4m3': e4m3 codes scaled per token per layer by "
+        "`hidden_scale` (hidden = code x scale, decoded to float32 by the reader; store/fp8.py)."
+    )
+    hidden_scale: Literal["bfloat16"] | None = Field(
+        None, description="Array `hidden_scale` [T, L] of the per-token per-layer scales (amax / 448, "
+        "rounded up) of float8 hidden states; None (and no such array) unless hidden is 'float8_e4m3'."
+    )
     final_hidden: Literal["float32", "bfloat16", "float16"] | None = Field(
         description="Final post-norm state; None when not stored."
     )
@@ -94,6 +102,15 @@ class ArrayDtypes(_Model):
     head: Literal["float32", "bfloat16", "float16"] = Field(
         description="target/embed_tokens, target/lm_head, target/final_norm."
     )
+
+    @model_validator(mode="after")
+    def _scale_iff_float8(self) -> ArrayDtypes:
+        if (self.hidden == "float8_e4m3") != (self.hidden_scale is not None):
+            raise ValueError(
+                f"dtypes.hidden={self.hidden!r} with dtypes.hidden_scale={self.hidden_scale!r}: float8_e4m3 "
+                "hidden states need a scale array, other dtypes have none"
+            )
+        return self
 
 
 class BackendInfo(_Model):
@@ -136,6 +153,19 @@ class Manifest(_Model):
     )
 
 
+def feature_specs(m: Manifest) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Feature arrays of a part (written shard by shard by the dump): name -> (logical dtype,
+    shape after the token axis)."""
+    L, H, K = len(m.layer_ids), m.target.hidden_size, m.top_k
+    specs = {"hidden": (m.dtypes.hidden, (L, H))}
+    if m.dtypes.hidden_scale is not None:
+        specs["hidden_scale"] = (m.dtypes.hidden_scale, (L,))
+    if m.has_final_hidden:
+        specs["final_hidden"] = (m.dtypes.final_hidden, (H,))
+    specs.update(topk_ids=(m.dtypes.topk_ids, (K,)), topk_probs=(m.dtypes.topk_probs, (K,)))
+    return specs
+
+
 def params_fingerprint(fields: dict) -> str:
     """Stable short hash of a JSON-able dict (sorted keys)."""
     blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -145,21 +175,21 @@ def params_fingerprint(fields: dict) -> str:
 def fingerprint_fields(m: Manifest) -> dict:
     """The manifest fields that determine the arrays.
 
-    Locations (target/prepared paths, the target's display name), the writer version and the
+    Locations (target/prepared paths, the target's display name), the writer version, the
     backend (checked on its own on resume, so stores from before it was recorded keep their
-    fingerprint) are left out: moving the prepared data or the model cache does not change a
+    fingerprint) and an absent `dtypes.hidden_scale` (likewise) are left out: moving the prepared data or the model cache does not change a
     single stored value, while the weights hash and the prepared fingerprint do.
     """
-    return m.model_dump(
-        mode="json",
-        exclude={
-            "params_fingerprint": True,
-            "created_by": True,
-            "backend": True,
-            "target": {"name", "path"},
-            "data": {"prepared_path"},
-        },
-    )
+    exclude: dict = {
+        "params_fingerprint": True,
+        "created_by": True,
+        "backend": True,
+        "target": {"name", "path"},
+        "data": {"prepared_path"},
+    }
+    if m.dtypes.hidden_scale is None:  # stores from before float8 keep their fingerprint
+        exclude["dtypes"] = {"hidden_scale"}
+    return m.model_dump(mode="json", exclude=exclude)
 
 
 def _mismatch(what: str, store_value, wanted, store: str | None) -> StoreMismatchError:

@@ -22,6 +22,7 @@ import zarr
 from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 
+from dspark_offline.store import fp8
 from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, from_storage
 from dspark_offline.store.integrity import quick_check, read_sample_index, refuse
 from dspark_offline.store.manifest import (
@@ -45,7 +46,7 @@ class StoredSample:
     sample_id: int  # index of the sample in the prepared data set
     input_ids: torch.Tensor  # [S] int64
     loss_mask: torch.Tensor  # [S] bool
-    hidden: torch.Tensor  # [S, L, H] logical dtype (e.g. bfloat16 / float32), order = manifest.layer_ids
+    hidden: torch.Tensor  # [S, L, H] logical dtype (bfloat16 / float32; float32 decoded from float8), order = manifest.layer_ids
     final_hidden: torch.Tensor | None  # [S, H] post-norm, or None when not stored / not asked for
     topk_ids: torch.Tensor  # [S, K] int64, next-token top-k at each position
     topk_probs: torch.Tensor  # [S, K] float32, sorted descending
@@ -173,9 +174,15 @@ class FeatureStore:
 
     def arrays(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
         """Only the arrays ``names`` (e.g. ``["input_ids", "topk_ids"]``) of sample `i`, at their
-        logical dtypes, read concurrently; cheaper than `sample` when the hidden states are not needed."""
+        logical dtypes, read concurrently; cheaper than `sample` when the hidden states are not needed.
+
+        float8 hidden states are decoded with their scales (read along) to float32 [S, L, H]; their
+        raw codes come back only if ``hidden_scale`` is asked for as well (then both are raw)."""
         part, sel = self._locate(i)
-        arrays = [self._array(part, n) for n in names]
+        scaled = self.manifest.dtypes.hidden_scale is not None
+        decode = scaled and "hidden" in names and "hidden_scale" not in names
+        wanted = [*names, "hidden_scale"] if decode else list(names)
+        arrays = [self._array(part, n) for n in wanted]
 
         async def read_all():  # concurrent slice reads: ~25% faster than one after another
             return await asyncio.gather(*(a.async_array.getitem(sel) for a in arrays))
@@ -187,10 +194,13 @@ class FeatureStore:
         except Exception as e:  # a decode failure (crc32c, codec): name what was read
             what = f"{part}/{{{','.join(names)}}} of sample {i} (tokens {sel.start}:{sel.stop})"
             raise self._unreadable(what, e) from e
-        return {
+        out = {
             n: from_storage(np.asarray(v), a.attrs.get(LOGICAL_DTYPE_ATTR, str(a.dtype)))
-            for n, a, v in zip(names, arrays, values)
+            for n, a, v in zip(wanted, arrays, values)
         }
+        if decode:
+            out["hidden"] = fp8.decode(out["hidden"], out.pop("hidden_scale"))
+        return out
 
     def sample(self, i: int, *, with_final_hidden: bool = True) -> StoredSample:
         """Sample `i` (0 <= i < len(store)); reads only its own token slices, all arrays at once."""

@@ -49,6 +49,7 @@ from dspark_offline.store.manifest import (
     Manifest,
     StoreError,
     StoreMismatchError,
+    feature_specs,
     fingerprint_fields,
     parse_manifest,
 )
@@ -68,19 +69,6 @@ def compressors(name: str, level: int) -> list:
     if name == "none":
         return [Crc32cCodec()]
     raise ValueError(f"dump.compressor={name!r}: expected zstd, blosc or none")
-
-
-def feature_specs(m: Manifest) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Feature arrays of a part: name -> (logical dtype, shape after the token axis)."""
-    L, H, K = len(m.layer_ids), m.target.hidden_size, m.top_k
-    specs = {
-        "hidden": (m.dtypes.hidden, (L, H)),
-        "topk_ids": (m.dtypes.topk_ids, (K,)),
-        "topk_probs": (m.dtypes.topk_probs, (K,)),
-    }
-    if m.has_final_hidden:
-        specs["final_hidden"] = (m.dtypes.final_hidden, (H,))
-    return specs
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
