@@ -28,20 +28,40 @@ def _scoped_local_rank(monkeypatch):
 
 
 def make_params(target_dir, prepared, store, out, *, l1_mode="topk", **dump_over) -> Params:
-    return Params.model_validate({
-        "target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
-        "prepare": {"output": str(prepared)},
-        "dump": {"store": str(store), "layer_ids": LAYERS, "top_k": 8, "shard_tokens": 64, "chunk_tokens": 16,
-                 "batch_tokens": 1, "hidden_dtype": "float8_e4m3", **dump_over},
-        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
-        "train": {"output_dir": str(out), "max_steps": 2, "micro_batch_size": 2, "num_anchors": 4,
-                  "chunk_blocks": 4, "save_every": 2, "l1_mode": l1_mode, "dtype": "float32"},
-    })
+    return Params.model_validate(
+        {
+            "target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
+            "prepare": {"output": str(prepared)},
+            "dump": {
+                "store": str(store),
+                "layer_ids": LAYERS,
+                "top_k": 8,
+                "shard_tokens": 64,
+                "chunk_tokens": 16,
+                "batch_tokens": 1,
+                "hidden_dtype": "float8_e4m3",
+                **dump_over,
+            },
+            "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": 2,
+                "micro_batch_size": 2,
+                "num_anchors": 4,
+                "chunk_blocks": 4,
+                "save_every": 2,
+                "l1_mode": l1_mode,
+                "dtype": "float32",
+            },
+        }
+    )
 
 
 def test_fp8_store_holds_codes_and_scales_and_reads_back_decoded(tiny_llama_dir, make_prepared, tmp_path):
     prepared = make_prepared(6, min_len=16, max_len=40)
-    path = dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr", tmp_path / "run", l1_mode="exact"))
+    path = dump.run(
+        make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr", tmp_path / "run", l1_mode="exact")
+    )
     store = open_store(path)
     d = store.manifest.dtypes
     assert (d.hidden, d.hidden_scale, d.final_hidden) == ("float8_e4m3", "bfloat16", "bfloat16")
@@ -56,12 +76,16 @@ def test_fp8_store_holds_codes_and_scales_and_reads_back_decoded(tiny_llama_dir,
     by_id = {store.sample(i).sample_id: i for i in range(len(store))}
     for k in range(len(split)):
         ids, _ = split[k]
-        ref = target.forward(torch.from_numpy(ids.astype(np.int64))[None], torch.ones(1, len(ids), dtype=torch.int64))
+        ref = target.forward(
+            torch.from_numpy(ids.astype(np.int64))[None], torch.ones(1, len(ids), dtype=torch.int64)
+        )
         i = by_id[int(split.sample_ids[k])]
         s = store.sample(i)
         codes, scale = fp8.encode(ref.hidden[0])
-        expect = fp8.decode(torch.from_numpy(codes).view(torch.float8_e4m3fn),
-                            torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16))
+        expect = fp8.decode(
+            torch.from_numpy(codes).view(torch.float8_e4m3fn),
+            torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16),
+        )
         assert s.hidden.dtype == torch.float32 and torch.equal(s.hidden, expect)  # the reader decodes
         rel = (s.hidden - ref.hidden[0]).norm() / ref.hidden[0].norm()
         assert 0 < rel < 0.05, rel
@@ -76,7 +100,9 @@ def test_fp8_store_holds_codes_and_scales_and_reads_back_decoded(tiny_llama_dir,
     assert problems and all("hidden_scale" in p for p in problems), problems
 
 
-def test_topk_store_has_no_final_hidden_trains_and_recompute_is_refused(tiny_llama_dir, make_prepared, tmp_path):
+def test_topk_store_has_no_final_hidden_trains_and_recompute_is_refused(
+    tiny_llama_dir, make_prepared, tmp_path
+):
     """store_final_hidden=auto with l1_mode=topk: no final_hidden; training from the float8 store
     runs; an l1_mode that reads final_hidden is refused before step 1, naming the way out."""
     from dspark_offline.train.loop import run as train_run
@@ -90,8 +116,12 @@ def test_topk_store_has_no_final_hidden_trains_and_recompute_is_refused(tiny_lla
     assert store.sample(0).final_hidden is None
     summary = train_run(params)
     assert summary["step"] == 2 and math.isfinite(summary["loss"]) and math.isfinite(summary["l1"])
-    recompute = make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr", tmp_path / "run2", l1_mode="recompute")
-    with pytest.raises(StoreMismatchError, match=r"has_final_hidden=False but train\.l1_mode='recompute' needs"):
+    recompute = make_params(
+        tiny_llama_dir, prepared, tmp_path / "f.zarr", tmp_path / "run2", l1_mode="recompute"
+    )
+    with pytest.raises(
+        StoreMismatchError, match=r"has_final_hidden=False but train\.l1_mode='recompute' needs"
+    ):
         train_run(recompute)
     assert not (tmp_path / "run2" / "checkpoints").exists()
 
@@ -107,8 +137,11 @@ def test_non_finite_target_output_names_the_sample(tiny_llama_dir, make_prepared
         return dataclasses.replace(out, hidden=hidden)
 
     monkeypatch.setattr(HFTarget, "forward", poisoned)
-    with pytest.raises(fp8.NonFiniteFeatureError, match=r"train: sample \d \(sample_id \d+\): hidden state is inf "
-                       r"at token 2, layer 2, channel 5"):
+    with pytest.raises(
+        fp8.NonFiniteFeatureError,
+        match=r"train: sample \d \(sample_id \d+\): hidden state is inf "
+        r"at token 2, layer 2, channel 5",
+    ):
         dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr", tmp_path / "run"))
     with pytest.raises(StoreError, match="incomplete parts"):  # nothing marked complete
         open_store(str(tmp_path / "f.zarr"))

@@ -59,7 +59,9 @@ def test_scale_is_the_smallest_bf16_at_or_above_amax_over_448():
 
 def test_outliers_at_and_beyond_448_keep_their_value():
     row = torch.tensor([448.0, -448.0, 1e4, -1e6, 3.0e5, 1.0, -0.5, 0.0])
-    x = torch.stack([row, row / 1e4, torch.tensor([448.0, -448.0, 1, 2, 3, 4, 5, 6.0])])[:, None, :]  # [3, 1, 8]
+    x = torch.stack([row, row / 1e4, torch.tensor([448.0, -448.0, 1, 2, 3, 4, 5, 6.0])])[
+        :, None, :
+    ]  # [3, 1, 8]
     y, scale = round_trip(x)
     assert_within_bound(x, y, scale)
     assert y[0, 0, 3] == pytest.approx(-1e6, rel=1 / 16)  # the row's extreme: never clipped
@@ -82,7 +84,9 @@ def test_zero_rows_and_tiny_values():
     assert_within_bound(x, y, scale)
     assert y[1, 0, 0] == pytest.approx(-1e-30, rel=1 / 16)  # not flushed as a bare cast would
     assert x[1, 0].to(torch.float8_e4m3fn).float().abs().sum() == 0
-    assert y[1, 1, 0] == pytest.approx(1e-40, rel=1 / 16)  # a 2e-44 row is below any scale: 0 within the bound
+    assert y[1, 1, 0] == pytest.approx(
+        1e-40, rel=1 / 16
+    )  # a 2e-44 row is below any scale: 0 within the bound
 
 
 def test_decode_is_the_exact_product():
@@ -101,8 +105,11 @@ def test_decode_is_the_exact_product():
 def test_non_finite_values_are_refused_with_sample_token_and_layer(bad):
     x = torch.randn(5, 3, 8)
     x[3, 1, 6] = bad
-    with pytest.raises(fp8.NonFiniteFeatureError, match=r"data/train: sample 4 \(sample_id 9\): hidden state is "
-                       r"-?(inf|nan) at token 3, layer 8, channel 6"):
+    with pytest.raises(
+        fp8.NonFiniteFeatureError,
+        match=r"data/train: sample 4 \(sample_id 9\): hidden state is "
+        r"-?(inf|nan) at token 3, layer 8, channel 6",
+    ):
         fp8.encode(x, "data/train: sample 4 (sample_id 9)", [1, 8, 14])
 
 
@@ -134,14 +141,24 @@ def test_stores_without_a_scale_keep_their_fingerprint():
 
 @pytest.mark.parametrize(
     ("store_final_hidden", "l1_mode", "stored"),
-    [("auto", "recompute", True), ("auto", "exact", True), ("auto", "capped", False), ("auto", "topk", False),
-     (True, "topk", True), (False, "recompute", False)],
+    [
+        ("auto", "recompute", True),
+        ("auto", "exact", True),
+        ("auto", "capped", False),
+        ("auto", "topk", False),
+        (True, "topk", True),
+        (False, "recompute", False),
+    ],
 )
 def test_final_hidden_is_stored_when_the_l1_mode_reads_it(store_final_hidden, l1_mode, stored):
     from dspark_offline.model.loss import needs_final_hidden
 
-    p = Params.model_validate({"dump": {"store_final_hidden": store_final_hidden}, "train": {"l1_mode": l1_mode}})
+    p = Params.model_validate(
+        {"dump": {"store_final_hidden": store_final_hidden}, "train": {"l1_mode": l1_mode}}
+    )
     assert p.dump_final_hidden() is stored
     if store_final_hidden == "auto":
         assert stored == needs_final_hidden(l1_mode)
-    assert Params().dump.store_final_hidden == "auto" and Params().dump_final_hidden()  # default l1_mode recompute
+    assert (
+        Params().dump.store_final_hidden == "auto" and Params().dump_final_hidden()
+    )  # default l1_mode recompute

@@ -2,10 +2,11 @@
 
 Public surface only; the layout and protocol live in `manifest` (format), `plan` (where samples
 go), `writer` (creation, whole-shard writes, resume), `reader` (random access), `dtypes`
-(bf16 as uint16 bits), `fp8` (float8 hidden states with per-token per-layer scales), `inspect` (summary, verify) and the integrity guards: `strict` (an absent
-chunk is an error on read), `objects` (which objects an array has) and `integrity` (the quick
-check run before any data is read); `record` is the store's completion record, its identity
-for DVC (written when every part is complete, checked before the train stage uses the store).
+(bf16 as uint16 bits), `fp8` (float8 hidden states with per-token per-layer scales), `inspect`
+(summary, verify) and the integrity guards: `strict` (an absent chunk is an error on read),
+`objects` (which objects an array has) and `integrity` (the quick check run before any data is
+read); `record` is the store's completion record, its identity for DVC (written when every part
+is complete, checked before the train stage uses the store).
 """
 
 from dspark_offline.store.manifest import (

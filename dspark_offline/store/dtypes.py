@@ -62,7 +62,7 @@ def to_storage(t: torch.Tensor, logical: str) -> np.ndarray:
     """
     tdtype, ndtype = _entry(logical)
     if tdtype == torch.float8_e4m3fn:
-        raise DtypeError("float8_e4m3 arrays are written with their scales by store.fp8.encode, never cast to")
+        raise DtypeError("float8_e4m3 arrays are written with their scales (store.fp8.encode), never cast to")
     t = t.detach().to("cpu", tdtype).contiguous()
     if tdtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ndtype)

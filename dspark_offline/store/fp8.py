@@ -42,7 +42,9 @@ def _bf16_round_up(t: torch.Tensor) -> torch.Tensor:
     return torch.where(low, bits + 1, bits).view(torch.bfloat16)  # next bf16 up: bit pattern + 1 (t >= 0)
 
 
-def encode(x: torch.Tensor, where: str = "", layer_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    x: torch.Tensor, where: str = "", layer_ids: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states x [..., L, H] (any float dtype) -> (codes uint8 [..., L, H], scale uint16 [..., L]).
 
     `codes` are float8_e4m3fn bit patterns, `scale` bfloat16 bit patterns (the storage dtypes of
@@ -71,7 +73,9 @@ def encode(x: torch.Tensor, where: str = "", layer_ids: list[int] | None = None)
 def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """codes [..., L, H] float8_e4m3fn, scale [..., L] bfloat16 -> float32 [..., L, H] (exact product)."""
     if codes.dtype != torch.float8_e4m3fn or scale.dtype != torch.bfloat16:
-        raise TypeError(f"decode needs float8_e4m3fn codes and bfloat16 scales, got {codes.dtype}, {scale.dtype}")
+        raise TypeError(
+            f"decode needs float8_e4m3fn codes and bfloat16 scales, got {codes.dtype}, {scale.dtype}"
+        )
     if codes.shape[:-1] != scale.shape:
         raise ValueError(f"codes {list(codes.shape)} do not match scales {list(scale.shape)}")
     return codes.float() * scale.float().unsqueeze(-1)

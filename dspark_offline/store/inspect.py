@@ -103,7 +103,8 @@ def format_inspect(info: dict) -> str:
             f"final_hidden={'yes' if m['has_final_hidden'] else 'no'}"
         ),
         (
-            f"dtypes     hidden={m['dtypes']['hidden']}{_scale_note(m['dtypes'])} head={m['dtypes']['head']}   "
+            f"dtypes     hidden={m['dtypes']['hidden']}{_scale_note(m['dtypes'])} "
+            f"head={m['dtypes']['head']}   "
             f"shard_tokens={m['shard_tokens']} chunk_tokens={m['chunk_tokens']}   "
             f"{m['compressor']}:{m['compression_level']}"
         ),

@@ -177,8 +177,9 @@ def fingerprint_fields(m: Manifest) -> dict:
 
     Locations (target/prepared paths, the target's display name), the writer version, the
     backend (checked on its own on resume, so stores from before it was recorded keep their
-    fingerprint) and an absent `dtypes.hidden_scale` (likewise) are left out: moving the prepared data or the model cache does not change a
-    single stored value, while the weights hash and the prepared fingerprint do.
+    fingerprint) and an absent `dtypes.hidden_scale` (likewise) are left out: moving the prepared
+    data or the model cache does not change a single stored value, while the weights hash and the
+    prepared fingerprint do.
     """
     exclude: dict = {
         "params_fingerprint": True,

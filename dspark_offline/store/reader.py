@@ -46,7 +46,7 @@ class StoredSample:
     sample_id: int  # index of the sample in the prepared data set
     input_ids: torch.Tensor  # [S] int64
     loss_mask: torch.Tensor  # [S] bool
-    hidden: torch.Tensor  # [S, L, H] logical dtype (bfloat16 / float32; float32 decoded from float8), order = manifest.layer_ids
+    hidden: torch.Tensor  # [S, L, H] logical dtype (float32 decoded from float8), order = manifest.layer_ids
     final_hidden: torch.Tensor | None  # [S, H] post-norm, or None when not stored / not asked for
     topk_ids: torch.Tensor  # [S, K] int64, next-token top-k at each position
     topk_probs: torch.Tensor  # [S, K] float32, sorted descending
