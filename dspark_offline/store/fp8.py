@@ -1,9 +1,9 @@
 """Hidden states as float8 e4m3 with a scale per token per layer (`dump.hidden_dtype: float8_e4m3`).
 
 A bare cast to e4m3 is wrong for residual streams: e4m3 ends at ±448 and residual streams have
-outlier channels far beyond it (torch 2.13 saturates them to ±448, a non-saturating conversion gives NaN), while
-everything below 2^-10 flushes to zero. So every row of H values (one token, one layer) is
-scaled into range first:
+outlier channels far beyond it (torch 2.13 saturates them to ±448, a non-saturating conversion
+gives NaN), while everything below 2^-10 flushes to zero. So every row of H values (one token,
+one layer) is scaled into range first:
 
     scale = amax(|x|) / 448, rounded *up* to bfloat16      (stored: `hidden_scale` [T, L], bf16 bits)
     code  = e4m3(x / scale)                                  (stored: `hidden` [T, L, H], e4m3 bits as uint8)
