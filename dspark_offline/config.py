@@ -203,6 +203,12 @@ class DumpConfig(_Section):
     chunk_tokens: int = Field(256, ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading).")
     compressor: Literal["zstd", "blosc", "none"] = Field("zstd", description="Codec for feature arrays.")
     compression_level: int = Field(1, ge=0, le=22, description="Codec level.")
+    writer_workers: int | None = Field(
+        None, ge=1, description="Shard writers beside the target forward: 1 = one background thread; N > 1 = "
+        "N writer processes, shards handed over in shared memory (/dev/shm). None = 1 with a CPU target, "
+        "else min(4, CPU cores per GPU). At most writer_workers + 3 shards are in host memory at once "
+        "(being written, 2 queued, 1 being filled). The store's bytes do not depend on it."
+    )
     num_parts: int | None = Field(
         None, ge=1, description="Number of store parts (each written by one process); None = one per "
         "process of the launcher that started the dump (torchrun, deepspeed, srun), 1 without one. Under "

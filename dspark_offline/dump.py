@@ -28,8 +28,8 @@ from dspark_offline import __version__, launch
 from dspark_offline.config import Params, ParamsError
 from dspark_offline.outputs import check_output_dir
 from dspark_offline.store import fp8
-from dspark_offline.store.background import BackgroundWriter
-from dspark_offline.store.dtypes import storage_dtype, to_storage
+from dspark_offline.store.background import BackgroundWriter, default_workers
+from dspark_offline.store.dtypes import to_storage
 from dspark_offline.store.lock import part_locks
 from dspark_offline.store.manifest import (
     ArrayDtypes,
@@ -165,13 +165,12 @@ def _batches(lengths: np.ndarray, batch_tokens: int) -> list[range]:
     return out
 
 
-def _compute_shard(target: TargetBackend, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar) -> dict:
-    """Run the target over one shard's samples; return its arrays in storage dtypes (gaps 0)."""
-    plan, width = state.plan, shard.stop - shard.start
-    bufs = {
-        name: np.zeros((width, *trailing), storage_dtype(logical))
-        for name, (logical, trailing) in state.specs.items()
-    }
+def _compute_shard(
+    target: TargetBackend, split, state: PartState, shard: ShardPlan, batch_tokens: int, bar, bufs: dict
+) -> dict:
+    """Run the target over one shard's samples into `bufs` (zeroed arrays in storage dtypes, lent
+    by the writer); return them."""
+    plan = state.plan
     rows = np.arange(shard.row_start, shard.row_stop)
     for batch in _batches(plan.sample_length[rows], batch_tokens):
         members = rows[batch.start : batch.stop]
@@ -380,11 +379,14 @@ def _write(params: Params, target: TargetBackend, split, manifest: Manifest, pla
         _say(f"nothing to do: part(s) {parts} of {cfg.store} already complete")
         return
     t0 = time.perf_counter()
-    with BackgroundWriter() as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
+    gpus = torch.cuda.device_count() if target.device.type == "cuda" else 1
+    workers = cfg.writer_workers or default_workers(target.device.type, gpus)
+    with BackgroundWriter(workers) as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
         for state, shard in pending:
-            writer.submit(state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar))
+            bufs = writer.buffers(state, shard)
+            writer.submit(state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar, bufs))
     elapsed = time.perf_counter() - t0
     _say(
         f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
-        f"({todo / max(elapsed, 1e-9):.0f} tok/s; writer thread busy {writer.busy_s:.1f}s)"
+        f"({todo / max(elapsed, 1e-9):.0f} tok/s; {workers} writer(s) busy {writer.busy_s:.1f}s in all)"
     )

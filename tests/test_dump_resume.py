@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,17 @@ def _spawn(params, delay=0.0):
     )
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)}
+
+
 def _shards_done(path, part="part-00000") -> list[int]:
     try:
         return zarr.open_group(path, mode="r")[part].attrs["dspark_offline_part"]["shards_done"]
@@ -53,10 +65,31 @@ def _shards_done(path, part="part-00000") -> list[int]:
         return []
 
 
+def _descendants(pid: int) -> set[int]:
+    """Processes below `pid` (its writer processes and their fork server), from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier} - out
+        out |= frontier
+    return out
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared, tmp_path):
+@pytest.mark.parametrize("writer_workers", [1, 2])
+def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared, tmp_path, writer_workers):
     prepared = make_prepared(40, seed=3)
-    full = make_params(tiny_llama_dir, prepared, tmp_path / "full.zarr", shard_tokens=48, batch_tokens=96)
+    full = make_params(
+        tiny_llama_dir, prepared, tmp_path / "full.zarr", shard_tokens=48, batch_tokens=96,
+        writer_workers=writer_workers,
+    )
     dump.run(full)
     num_shards = zarr.open_group(str(tmp_path / "full.zarr"))["part-00000"].attrs["dspark_offline_part"][
         "num_shards"
@@ -72,8 +105,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared,
         assert proc.poll() is None, f"worker exited early: {proc.stderr.read().decode()[-2000:]}"
         assert time.time() < deadline, "worker made no progress"
         time.sleep(0.02)
+    writers = _descendants(proc.pid)
+    assert len(writers) >= (2 if writer_workers > 1 else 0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30  # no writer outlives the dump (it would race the resumed one)
+    while _alive(writers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(writers), {w: Path(f"/proc/{w}/cmdline").read_bytes()[:200] for w in _alive(writers)}
     done = _shards_done(killed_path)
     assert kill_after <= len(done) < num_shards, "the kill did not interrupt the dump"
     assert verify(killed_path), "an interrupted part must be reported"

@@ -19,13 +19,15 @@ edited by hand (it no longer hashes to its fingerprint) is written back. Every
 array is created with `write_empty_chunks`, so every chunk of the grid exists as an object and
 an absent one is damage, never "all zeros".
 
-Shard writes run on a background thread behind a bounded queue so compression and I/O overlap
-the target forward (`store/background.py`); its errors are re-raised in the caller's thread.
+Shard writes run on background workers (a thread, or worker processes) behind a bounded queue so
+compression and I/O overlap the target forward (`store/background.py`); shards may finish in any
+order and are recorded done as they finish; errors are re-raised in the caller's thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -222,6 +224,7 @@ class PartState:
         self.specs = feature_specs(manifest)
         # write_empty_chunks is a runtime setting, not stored: set it on every handle that writes
         self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self.specs}
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -230,8 +233,8 @@ class PartState:
     def pending(self) -> list[ShardPlan]:
         return [] if self.complete else [s for s in self.plan.shards if s.index not in self.done]
 
-    def write_shard(self, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
-        """Write every feature array of one whole shard, then record it done."""
+    def check_shard(self, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse arrays that are not exactly one whole shard of every feature array."""
         n = shard.stop - shard.start
         if set(arrays) != set(self.specs):
             raise ValueError(
@@ -244,18 +247,34 @@ class PartState:
                     f"{self.name}/{name} shard {shard.index}: got {a.dtype}{list(a.shape)}, "
                     f"need {storage_dtype(logical)}{[n, *trailing]}"
                 )
-        for name, a in arrays.items():
-            self._arrays[name][shard.start : shard.stop] = a
-        self._record_done(shard.index)
 
-    def _record_done(self, index: int) -> None:
-        self.done.add(index)
-        attrs = dict(self.group.attrs[PART_ATTR])
-        attrs["shards_done"] = sorted(self.done)
-        if len(self.done) == len(self.plan.shards):
-            attrs.update(complete=True, status="complete")
-            self.complete = True
-        self.group.attrs[PART_ATTR] = attrs
+    @property
+    def handles(self) -> dict[str, zarr.Array]:
+        """The feature arrays' write handles (picklable: a writer process reopens them by path)."""
+        return self._arrays
+
+    def write_shard(self, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+        """Write every feature array of one whole shard, then record it done."""
+        self.check_shard(shard, arrays)
+        write_arrays(self._arrays, shard, arrays)
+        self.record_done(shard.index)
+
+    def record_done(self, index: int) -> None:
+        """Add shard `index` to the part's `shards_done` (any order); the last one flips `complete`."""
+        with self._lock:  # writers may finish shards in any order, on other threads
+            self.done.add(index)
+            attrs = dict(self.group.attrs[PART_ATTR])
+            attrs["shards_done"] = sorted(self.done)
+            if len(self.done) == len(self.plan.shards):
+                attrs.update(complete=True, status="complete")
+                self.complete = True
+            self.group.attrs[PART_ATTR] = attrs
+
+
+def write_arrays(handles: dict[str, zarr.Array], shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
+    """The whole-shard writes of one shard (no read-modify-write: the range is exactly the shard)."""
+    for name, a in arrays.items():
+        handles[name][shard.start : shard.stop] = a
 
 
 def open_part(
