@@ -71,14 +71,18 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self._where = ""
         self._lock = threading.Lock()
-        self.busy_s = 0.0  # summed over workers
+        self.busy_s = 0.0  # wall seconds spent writing, summed over workers
+        self.cpu_s = 0.0  # CPU seconds of the writer processes (threads count in this process's own)
         self.shards_written = 0
         self._impl = _ThreadPool(self, max_pending) if workers == 1 else _ProcessPool(self, workers, max_pending)
 
     # -- called from the workers' side ------------------------------------------------------
-    def _done(self, part: PartState, shard: ShardPlan, busy_s: float, error: BaseException | None) -> None:
+    def _done(
+        self, part: PartState, shard: ShardPlan, busy_s: float, error: BaseException | None, cpu_s: float = 0.0
+    ) -> None:
         with self._lock:
             self.busy_s += busy_s
+            self.cpu_s += cpu_s
             if error is None and self._error is None:
                 try:
                     part.record_done(shard.index)
@@ -295,9 +299,9 @@ class _ProcessPool:
             msg = self._results.get()
             if msg is None:
                 return
-            task, busy_s, error = msg
+            task, busy_s, cpu_s, error = msg
             part, shard, slot = self._inflight.pop(task)
-            self.owner._done(part, shard, busy_s, error)
+            self.owner._done(part, shard, busy_s, error, cpu_s)
             self._free.put(slot)
 
     def close(self) -> None:
@@ -385,7 +389,7 @@ def _watch(pid: int):
 
 
 def _worker_main(tasks, results, dump_pid: int) -> None:
-    """Write shards from `tasks` until None; report (task, busy seconds, error or None).
+    """Write shards from `tasks` until None; report (task, wall s, CPU s, error or None).
 
     Ends by itself when the dump is gone (killed): a fork server's children keep the server
     alive and the queues open, so neither a parent-death signal nor an EOF would come."""
@@ -404,7 +408,7 @@ def _worker_main(tasks, results, dump_pid: int) -> None:
             if item is None:
                 return
             task, slot_name, layout, handles, start, stop = item
-            t0, error = time.perf_counter(), None
+            t0, c0, error = time.perf_counter(), time.process_time(), None
             try:
                 shm = attached.get(slot_name)
                 if shm is None:
@@ -413,7 +417,7 @@ def _worker_main(tasks, results, dump_pid: int) -> None:
                     handles[name][start:stop] = a  # a whole shard: no read-modify-write
             except BaseException as e:  # noqa: BLE001 - reported to the dump
                 error = _picklable(e)
-            results.put((task, time.perf_counter() - t0, error))
+            results.put((task, time.perf_counter() - t0, time.process_time() - c0, error))
     finally:
         for shm in attached.values():
             shm.close()

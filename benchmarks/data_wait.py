@@ -1,0 +1,231 @@
+"""The share of a training step spent waiting for data: DataLoader workers, prefetch, shard reads.
+
+Drives the training loop's data path exactly as `train/loop.py` builds it (`FeatureDataset` over
+the store reader, `ResumableSampler`, `collate`, `DataLoader(num_workers=...)`, and the anchor
+sampling that follows `next(...)`) over a synthetic store written by the real writer, and times
+`next(batches)` against the whole step. The drafter's compute is a sleep of `--step-s` seconds:
+on a GPU the host is idle while the step runs, which is what lets the loader workers read ahead;
+on CPU the default uses 0 workers, so reads are inline and the sleep stands in for compute.
+The store's files are evicted from the page cache before each run (posix_fadvise DONTNEED on
+our own files only): reads come from the disk, as in a first epoch (`train.cache_gb` is off here;
+later epochs read from memory).
+
+Two configurations by default, each one epoch:
+
+- `smollm2`: the embedded default's shape (H 576, 5 layers + final hidden, top-64, bf16; 256
+  samples of 32-350 tokens; micro batch 2; 0 workers as on CPU; step 0.42 s, the default's
+  measured CPU step);
+- `qwen3-8b`: Qwen3-8B's width (H 4096; 48 samples of 256-2048 tokens; micro batch 1; 2 workers
+  as on CUDA; step 0.10 s, an *assumed* H200 step of the 5-layer drafter: give the measured one
+  with --step-s).
+
+Also printed: the loader alone (no step), i.e. the shortest step it keeps fed.
+
+    python benchmarks/data_wait.py                      # both (~2-4 min on 2 cores)
+    python benchmarks/data_wait.py --quick              # tiny, seconds (what the test runs)
+    python benchmarks/data_wait.py --configs qwen3-8b --workers 4 --step-s 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+CONFIGS = {  # name: (hidden, layers, top_k, samples, min len, max len, micro batch, loader workers, step s)
+    "smollm2": (576, 5, 64, 256, 32, 350, 2, 0, 0.42),
+    "qwen3-8b": (4096, 5, 64, 48, 256, 2048, 1, 2, 0.10),
+    "tiny": (64, 2, 8, 24, 16, 96, 2, 2, 0.01),  # --quick
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
+    p.add_argument("--configs", default="smollm2,qwen3-8b", help=f"Comma list of {sorted(CONFIGS)}.")
+    p.add_argument("--dir", default=None, help="Where to write the synthetic stores (default: a temp dir).")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default per config).")
+    p.add_argument("--step-s", type=float, default=None, help="Drafter step seconds (default per config).")
+    p.add_argument("--quick", action="store_true", help="A tiny store, seconds.")
+    return p.parse_args(argv)
+
+
+class Result(NamedTuple):
+    config: str
+    workers: int
+    step_s: float
+    steps: int
+    wait_s: float
+    total_s: float
+    loader_alone_s: float  # seconds per batch with no step
+
+    @property
+    def fraction(self) -> float:
+        return self.wait_s / self.total_s
+
+
+def _writer_bench():
+    """benchmarks/writer.py (its synthetic manifest), imported by path: the scripts are no package."""
+    spec = importlib.util.spec_from_file_location("writer_bench", Path(__file__).with_name("writer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_store(path: Path, hidden: int, layers: int, top_k: int, lengths: np.ndarray, seed: int = 0) -> str:
+    """A complete store of random bf16 features, written through the dump's writer."""
+    from dspark_offline.store.background import BackgroundWriter
+    from dspark_offline.store.plan import plan_part
+    from dspark_offline.store.writer import feature_specs, open_part, open_store_for_write
+
+    shard_tokens = max(4096, int(lengths.max()))
+    shard_tokens = -(-shard_tokens // 256) * 256
+    m = _writer_bench()._manifest(hidden, layers, top_k, shard_tokens, "zstd", 1)
+    m = m.model_copy(update={"data": m.data.model_copy(update={
+        "num_samples": len(lengths), "num_tokens": int(lengths.sum()), "max_length": int(lengths.max())})})
+    from dspark_offline.store.manifest import fingerprint_fields, params_fingerprint
+
+    m = m.model_copy(update={"params_fingerprint": params_fingerprint(fingerprint_fields(m))})
+    head = {k: torch.zeros(64, hidden, dtype=torch.bfloat16) for k in ("embed_tokens", "lm_head")}
+    head["final_norm"] = torch.ones(hidden, dtype=torch.bfloat16)
+    root = open_store_for_write(str(path), m, lambda: head)
+    plan = plan_part(lengths, 1, 0, shard_tokens)
+    rng = np.random.default_rng(seed)
+    n = plan.num_positions
+    ids = rng.integers(0, 64, n).astype(np.int32)
+    mask = (rng.random(n) < 0.7).astype(np.uint8)
+    state = open_part(root, m, plan, lambda: (ids, mask, plan.source_index.astype(np.int64)))
+    g = torch.Generator().manual_seed(seed)
+    specs = feature_specs(m)
+    with BackgroundWriter(1) as w:
+        for shard in state.pending():
+            bufs = w.buffers(state, shard)
+            width = shard.stop - shard.start
+            for name, a in bufs.items():
+                if name == "topk_ids":
+                    a[...] = torch.randint(0, 64, a.shape, generator=g, dtype=torch.int32).numpy()
+                elif name == "topk_probs":
+                    a[...] = torch.rand(a.shape, generator=g).sort(-1, descending=True).values.half().numpy()
+                else:  # bf16 states as their bits
+                    bits = torch.randn((width, *specs[name][1]), generator=g).to(torch.bfloat16).view(torch.int16)
+                    a[...] = bits.numpy().view(a.dtype)
+            w.submit(state, shard, bufs)
+    return str(path)
+
+
+def evict(path: str) -> None:
+    """Drop our store's pages from the page cache, so the reads below go to the disk."""
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def loader(store_path: str, micro: int, workers: int):
+    """The training loop's batches iterator (train/loop.py), on the whole store, one epoch."""
+    from torch.utils.data import DataLoader
+
+    from dspark_offline.store import open_store
+    from dspark_offline.train.dataset import FeatureDataset, ResumableSampler, collate
+
+    store = open_store(store_path)
+    indices = np.arange(len(store), dtype=np.int64)
+    sampler = ResumableSampler(len(indices), micro_batch_size=micro, grad_accum=1, world_size=1, rank=0, seed=0)
+    steps = len(indices) // micro
+    data = DataLoader(FeatureDataset(store, indices, None, 0), batch_size=micro, sampler=sampler,
+                      collate_fn=collate, num_workers=workers)
+    return iter(data), steps
+
+
+def drive(store_path: str, micro: int, workers: int, step_s: float) -> tuple[float, float, int]:
+    """(seconds waiting in next(), seconds in all, steps) over one epoch, after one warm-up batch
+    (worker start-up is once per run, not per step)."""
+    from dspark_offline.train.dataset import batch_anchors
+
+    batches, steps = loader(store_path, micro, workers)
+    batch = next(batches)  # warm-up: workers start, first reads
+    wait = 0.0
+    t_start = time.perf_counter()
+    for step in range(1, steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        batch_anchors(batch, 512, 0, step)  # the loop does it right after next()
+        wait += time.perf_counter() - t0
+        time.sleep(step_s)  # the drafter step
+    return wait, time.perf_counter() - t_start, steps - 1
+
+
+def run(args) -> list[Result]:
+    names = ["tiny"] if args.quick else args.configs.split(",")
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="data-wait-"))
+    base.mkdir(parents=True, exist_ok=True)
+    out = []
+    try:
+        for name in names:
+            hidden, layers, top_k, samples, lo, hi, micro, workers, step_s = CONFIGS[name]
+            workers = workers if args.workers is None else args.workers
+            step_s = step_s if args.step_s is None else args.step_s
+            lengths = np.random.default_rng(1).integers(lo, hi + 1, samples)
+            t0 = time.perf_counter()
+            path = make_store(base / f"{name}.zarr", hidden, layers, top_k, lengths)
+            size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+            print(f"# {name}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
+                  f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
+                  f"workers, step {step_s} s", flush=True)
+            evict(path)
+            alone_wait, _, n = drive(path, micro, workers, 0.0)
+            evict(path)
+            wait, total, steps = drive(path, micro, workers, step_s)
+            r = Result(name, workers, step_s, steps, wait, total, alone_wait / n)
+            print(f"  waiting {r.fraction:.1%} of the step time ({wait:.2f} of {total:.1f} s, {steps} steps); "
+                  f"the loader alone: {r.loader_alone_s * 1e3:.0f} ms/batch", flush=True)
+            out.append(r)
+            shutil.rmtree(path)
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        (
+            f"## data wait (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; store "
+            "evicted from the page cache before each epoch)"
+        ),
+        "",
+        (
+            "| config | loader workers | step s | steps | wait s | step total s | wait / step | "
+            "loader alone ms/batch |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.config} | {r.workers} | {r.step_s:.2f} | {r.steps} | {r.wait_s:.2f} | {r.total_s:.1f} | "
+            f"{r.fraction:.2%} | {r.loader_alone_s * 1e3:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    print()
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
