@@ -27,11 +27,12 @@ def test_writer_benchmark_prints_writer_and_raw_side_by_side(capsys):
 def test_data_wait_benchmark_times_next_against_the_step(capsys):
     bench = load_benchmark("data_wait")
     assert bench.main(["--quick"]) == 0
-    (row,) = _table(capsys.readouterr().out, "data wait")
-    config, workers, _, steps, wait, total, fraction, _ = row
-    assert (config, workers) == ("tiny", "2")
-    assert 0 < float(wait) <= float(total) and 0 < float(fraction.rstrip("%")) <= 100
-    assert int(steps) == 11  # 24 samples / micro 2, less the warm-up batch
+    rows = _table(capsys.readouterr().out, "data wait")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("tiny", "1", "2"), ("tiny", "2", "2")]
+    for _, epoch, _, _, steps, wait, total, fraction, cpu, need in rows:
+        assert 0 < float(wait) <= float(total) and 0 < float(fraction.rstrip("%")) <= 100
+        assert int(steps) == (11 if epoch == "1" else 12)  # 24 samples / micro 2, less the warm-up batch
+        assert float(cpu) > 0 and int(need) >= 1
 
 
 def test_data_wait_with_no_step_is_all_waiting(tmp_path):
@@ -39,7 +40,8 @@ def test_data_wait_with_no_step_is_all_waiting(tmp_path):
     import numpy as np
 
     path = bench.make_store(tmp_path / "s.zarr", 32, 2, 4, np.full(10, 40))
-    wait, total, steps = bench.drive(path, 2, 0, 0.0)
-    assert steps == 4 and wait / total > 0.9  # inline reads, nothing else in the step
-    wait, total, steps = bench.drive(path, 2, 0, 0.05)
-    assert total >= 4 * 0.05 and wait < total
+    ((wait, total, steps),), cpu = bench.drive(path, 2, 0, 0.0)
+    assert steps == 4 and wait / total > 0.9 and cpu > 0  # inline reads, nothing else in the step
+    epochs, _ = bench.drive(path, 2, 0, 0.05, cache_gb=1.0, epochs=2)
+    (w1, t1, n1), (w2, t2, n2) = epochs
+    assert (n1, n2) == (4, 5) and t1 >= 4 * 0.05 and t2 >= 5 * 0.05 and w1 < t1 and w2 < t2

@@ -132,3 +132,18 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_a_too_small_dev_shm_is_refused_in_one_line(synthetic_store, monkeypatch):
+    synth = synthetic_store(LENGTHS)
+    root = open_store_for_write(synth.path, synth.manifest, lambda: synth.head)
+    state = open_part(root, synth.manifest, synth.plans[0], synth.tokens(synth.plans[0]))
+
+    class Tiny:
+        f_bavail, f_frsize = 0, 4096
+
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: Tiny if p == "/dev/shm" else real(p))
+    refused = r"writer_workers=2: /dev/shm has 0 MiB free.*--shm-size"
+    with pytest.raises(StoreError, match=refused), BackgroundWriter(2) as w:
+        w.buffers(state, state.pending()[0])

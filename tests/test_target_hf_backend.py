@@ -196,6 +196,7 @@ def test_cuda_auto_is_bf16_and_matches_hf(tiny_qwen3_dir):
     ids, mask = _right_pad(_samples(target.tokenizer), target.tokenizer.pad_token_id)
     out = target.forward(ids, mask)
     assert out.hidden.device.type == "cpu" and out.hidden.dtype == torch.bfloat16
+    assert out.hidden.is_pinned() and out.topk_probs.is_pinned()  # copied on the side stream (host_copy.py)
     with torch.inference_mode():
         ref = target.model(input_ids=ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
     for pos, i in enumerate([0, 2]):

@@ -244,7 +244,7 @@ class _ProcessPool:
                 i = self._free.get_nowait()
             except queue.Empty:
                 if len(self._slots) < self._max_slots:
-                    self._slots.append(shared_memory.SharedMemory(create=True, size=max(nbytes, 1)))
+                    self._slots.append(self._new_slot(nbytes))
                     return len(self._slots) - 1
                 self.owner._raise_if_failed()
                 if not self._alive():
@@ -256,8 +256,24 @@ class _ProcessPool:
             if self._slots[i].size < nbytes:  # a wider shard than this slot was made for
                 self._slots[i].close()
                 self._slots[i].unlink()
-                self._slots[i] = shared_memory.SharedMemory(create=True, size=nbytes)
+                self._slots[i] = self._new_slot(nbytes)
             return i
+
+    def _new_slot(self, nbytes: int) -> shared_memory.SharedMemory:
+        """A shared-memory slot, refused up front when /dev/shm cannot hold it: writing past a full
+        /dev/shm (Docker's default is 64 MiB) kills the process with SIGBUS instead of an error."""
+        shm_dir = "/dev/shm"
+        if os.path.isdir(shm_dir):
+            st = os.statvfs(shm_dir)
+            free = st.f_bavail * st.f_frsize
+            if free < nbytes:
+                raise StoreError(
+                    f"dump.writer_workers={len(self._procs)}: {shm_dir} has {free / 2**20:.0f} MiB free but a "
+                    f"shard needs {nbytes / 2**20:.0f} MiB there (up to {self._max_slots} shards at once): "
+                    "enlarge it (docker run --shm-size=... or --ipc=host), lower dump.shard_tokens, or set "
+                    "dump.writer_workers=1 (one writer thread, no shared memory)"
+                )
+        return shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
 
     def buffers(self, part: PartState, shard: ShardPlan) -> dict[str, np.ndarray]:
         width = shard.stop - shard.start

@@ -19,6 +19,7 @@ from dspark_offline.target.backend import TargetOutput, check_right_padded, targ
 from dspark_offline.target.capture import UnsupportedArchitectureError, capture_layers, find_decoder_parts
 from dspark_offline.target.device import resolve_device, resolve_dtype
 from dspark_offline.target.embedded import resolve_target_path
+from dspark_offline.target.host_copy import HostCopies
 from dspark_offline.target.loader import load_model
 from dspark_offline.target.topk import topk_from_final
 
@@ -50,6 +51,7 @@ class HFTarget:
         self.store_final_hidden = store_final_hidden
         # The head in fp32 once (no copy when the model is already fp32), reused by every batch.
         self._head_fp32 = self.model.get_output_embeddings().weight.detach().to(torch.float32)  # [V, H]
+        self._copies = HostCopies(self.device)  # device -> host copies of the outputs (target/host_copy.py)
         self._info: dict | None = None
 
     def _check_plain_head(self) -> None:
@@ -112,17 +114,22 @@ class HFTarget:
             self._parts.base(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden = cap.stacked()  # [B, S, L, H]
         final = cap.final  # [B, S, H]
+        # on CUDA the states go to pinned host memory on a side stream while the top-k is computed
+        hidden_host = self._copies.start(hidden)
+        final_host = self._copies.start(final) if self.store_final_hidden else None
         valid = mask.bool()  # [B, S]
         B, S = ids.shape
         topk_ids = torch.zeros(B, S, self.top_k, dtype=torch.int64, device=self.device)  # [B, S, K]
         topk_probs = torch.zeros(B, S, self.top_k, dtype=torch.float32, device=self.device)
         t_ids, t_probs = topk_from_final(final[valid], self._head_fp32, self.top_k)  # [T, K] each
         topk_ids[valid], topk_probs[valid] = t_ids, t_probs
-        return TargetOutput(
-            hidden=hidden.cpu(),
-            final_hidden=final.cpu() if self.store_final_hidden else None,
-            topk_ids=topk_ids.cpu(),
-            topk_probs=topk_probs.cpu(),
+        out = TargetOutput(
+            hidden=hidden_host,
+            final_hidden=final_host,
+            topk_ids=self._copies.start(topk_ids),
+            topk_probs=self._copies.start(topk_probs),
         )
+        self._copies.wait()
+        return out
 
     __call__ = forward
