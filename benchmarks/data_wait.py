@@ -23,7 +23,9 @@ Also printed: the loader's CPU seconds per batch (this process and its workers),
 loader workers a host needs for <= 2 % waiting at that step time, given free cores (the rates
 measured on this shared 2-core machine are what extrapolates, not its wall times).
 `smollm2` keeps the default `train.cache_gb` (4 GiB): from its second epoch samples come from
-memory, which is what the default's 10 epochs mostly are.
+memory, which is what the default's 10 epochs mostly are. With loader workers, each config is
+run a second time with the collate that allocated batches in the worker's own memory (torch then
+copies every batch into shared memory to hand it over): the CPU per batch of both, and the ratio.
 
     python benchmarks/data_wait.py                      # both (~2-4 min on 2 cores)
     python benchmarks/data_wait.py --quick              # tiny, seconds (what the test runs)
@@ -33,6 +35,7 @@ memory, which is what the default's 10 epochs mostly are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import resource
@@ -92,8 +95,9 @@ def make_store(
 ) -> str:
     """A complete store of random bf16 features, written through the dump's writer."""
     from dspark_offline.store.background import BackgroundWriter
+    from dspark_offline.store.manifest import feature_specs
     from dspark_offline.store.plan import plan_part
-    from dspark_offline.store.writer import feature_specs, open_part, open_store_for_write
+    from dspark_offline.store.writer import open_part, open_store_for_write
 
     shard_tokens = max(4096, int(lengths.max()))
     shard_tokens = -(-shard_tokens // 256) * 256
@@ -147,7 +151,8 @@ def loader(store_path: str, micro: int, workers: int, cache_gb: float):
     from torch.utils.data import DataLoader
 
     from dspark_offline.store import open_store
-    from dspark_offline.train.dataset import FeatureDataset, ResumableSampler, collate
+    from dspark_offline.train.dataset import FeatureDataset, collate
+    from dspark_offline.train.sampler import ResumableSampler
 
     store = open_store(store_path)
     indices = np.arange(len(store), dtype=np.int64)
@@ -167,7 +172,7 @@ def drive(store_path: str, micro: int, workers: int, step_s: float, cache_gb: fl
     """Per epoch: (seconds waiting in next(), seconds in all, steps). The first batch is a warm-up
     (worker start-up is once per run, not per step). Also the loader's CPU seconds per batch
     (this process and its workers, counted when they exit at the end)."""
-    from dspark_offline.train.dataset import batch_anchors
+    from dspark_offline.train.anchors import batch_anchors
 
     c0 = _cpu_s()
     batches, per_epoch = loader(store_path, micro, workers, cache_gb)
@@ -188,6 +193,26 @@ def drive(store_path: str, micro: int, workers: int, step_s: float, cache_gb: fl
     return out, cpu / step
 
 
+def _copying_batch_tensor(shape, dtype):
+    """The collate before train/dataset.py allocated batches in shared memory: zeros in the
+    worker's own memory, then copied into shared memory when handed over."""
+    return torch.zeros(shape, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _patched_batch_tensor(fn):
+    """Swap the collate's batch allocation (DataLoader workers fork, so they inherit the swap)."""
+    from dspark_offline.train import dataset
+
+    real = dataset._batch_tensor
+    if fn is not None:
+        dataset._batch_tensor = fn
+    try:
+        yield
+    finally:
+        dataset._batch_tensor = real
+
+
 def run(args) -> list[Result]:
     names = ["tiny"] if args.quick else args.configs.split(",")
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="data-wait-"))
@@ -205,13 +230,21 @@ def run(args) -> list[Result]:
             print(f"# {name}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
                   f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
                   f"workers, step {step_s} s, cache {cache_gb} GiB, chunk {args.chunk_tokens} tokens", flush=True)
-            evict(path)
-            epochs, cpu_per_batch = drive(path, micro, workers, step_s, cache_gb, args.epochs)
-            for e, (wait, total, steps) in enumerate(epochs):
-                r = Result(name, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
-                print(f"  epoch {e + 1}: waiting {wait / total:.1%} of the step time ({wait:.2f} of {total:.1f} s, "
-                      f"{steps} steps); loader CPU {cpu_per_batch * 1e3:.0f} ms/batch", flush=True)
-                out.append(r)
+            variants = [(name, None)]
+            if workers > 0 and not args.quick:  # side by side: collate copying the batch to shared memory
+                variants.append((f"{name} (copying collate)", _copying_batch_tensor))
+            for label, patch in variants:
+                evict(path)
+                with _patched_batch_tensor(patch):
+                    epochs, cpu_per_batch = drive(path, micro, workers, step_s, cache_gb, args.epochs)
+                for e, (wait, total, steps) in enumerate(epochs):
+                    r = Result(label, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
+                    print(f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time ({wait:.2f} of "
+                          f"{total:.1f} s, {steps} steps); loader CPU {cpu_per_batch * 1e3:.0f} ms/batch", flush=True)
+                    out.append(r)
+            if len(variants) > 1:
+                a, b = out[-1].cpu_per_batch_s, out[-1 - len(epochs)].cpu_per_batch_s
+                print(f"  loader CPU per batch, copying collate / shared-memory collate: {a / b:.2f}x", flush=True)
             shutil.rmtree(path)
     finally:
         if not args.dir:

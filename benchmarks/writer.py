@@ -193,7 +193,7 @@ def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: i
 
 
 def run(args) -> list[Row]:
-    from dspark_offline.store.writer import feature_specs
+    from dspark_offline.store.manifest import feature_specs
 
     widths = ["tiny-a", "tiny-b"] if args.quick else args.widths.split(",")
     workers = [1, 2] if args.quick else [int(w) for w in args.workers.split(",")]

@@ -11,6 +11,7 @@ and whether the store fits the run at all (`preflight.check_store`) live beside 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -92,8 +93,20 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch[name] = None
             continue
         first = rows[0]
-        out = torch.zeros((len(rows), s_max, *first.shape[1:]), dtype=first.dtype)  # [Bt, S, ...]
+        out = _batch_tensor((len(rows), s_max, *first.shape[1:]), first.dtype)  # [Bt, S, ...]
         for b, r in enumerate(rows):
             out[b, : len(r)] = r
+            out[b, len(r) :] = 0  # padding
         batch[name] = out
     return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; inside a DataLoader worker it is allocated in shared memory
+    at once, as torch's default_collate does, so handing the batch to the training process costs
+    no second copy of it (the features are tens of MB per sample at 8B-target widths)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape))
+    return proto.new(storage).resize_(shape)
