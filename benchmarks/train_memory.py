@@ -12,10 +12,10 @@ side in one run:
 - one **fresh subprocess per setting** (``num_anchors`` x path), so peaks never leak between
   settings;
 - each child builds the drafter with the target's dims (default: the embedded SmolLM2-135M,
-  H=576, V=49152, block 7, Markov rank 256, one draft layer), one sample of ``--seq-len``
-  supervised tokens, then runs forward + backward + AdamW step once on a single block (warm-up:
+  H=576, V=49152, block 7, Markov rank 256; ``--layers`` draft layers, 1 as in params.yaml),
+  one sample of ``--seq-len`` supervised tokens, then runs forward + backward + AdamW step once on a single block (warm-up:
   gradients and optimizer state allocated) and ``--repeats`` times with all ``num_anchors``
-  blocks (time: the median);
+  blocks (time: the median; CPU seconds of the process on CPU, wall clock on CUDA);
 - CPU: peak RSS increase of the measured steps (``resource.getrusage(RUSAGE_SELF).ru_maxrss``;
   tracemalloc does not see torch's allocator), children run with ``MALLOC_MMAP_THRESHOLD_=65536``
   so that freed tensors leave the RSS at once. CUDA: ``torch.cuda.max_memory_allocated``
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1536, help="MLP width (SmolLM2: 1536).")
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--markov-rank", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1, help="Draft decoder layers (params.yaml: 1).")
     p.add_argument("--context-layers", type=int, default=5, help="Target layer states L.")
     p.add_argument("--device", default="cpu", help="cpu or cuda.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON of one setting
@@ -88,7 +89,7 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     device = torch.device(args.device)
     H, V, S, L = args.hidden, args.vocab, args.seq_len, args.context_layers
     cfg = DraftModelConfig(
-        hidden_size=H, num_layers=1, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        hidden_size=H, num_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=H // args.heads, intermediate_size=args.intermediate, rms_norm_eps=1e-5, rope_theta=1e5,
         max_position_embeddings=max(8192, S + args.block_size), vocab_size=V, num_target_layers=30,
         target_layer_ids=tuple(range(1, 1 + L)), block_size=args.block_size, markov_rank=args.markov_rank,
@@ -136,13 +137,16 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
         before = torch.cuda.memory_allocated(device)
     else:
         before = _peak_bytes(device)
+    # CPU: the process's CPU time, which other processes on a shared machine barely disturb (one
+    # thread: OMP_NUM_THREADS=1 is the documented way to run this); CUDA: wall clock
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     seconds, losses = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         losses.append(step(anchors, keep))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(clock() - t0)
     return {**setting, "blocks": int(keep.sum()), "step_peak_mib": (_peak_bytes(device) - before) / 2**20,
             "seconds": statistics.median(seconds), "loss": losses[0]}
 
@@ -174,7 +178,9 @@ def main() -> None:
 
     by = {(r["num_anchors"], r["path"]): r for r in rows}
     print(f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, V={args.vocab}, "
-          f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, chunk_blocks {args.chunk_blocks})")
+          f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, {args.layers} draft layer(s), "
+          f"chunk_blocks {args.chunk_blocks}; "
+          f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, median of {args.repeats})")
     extra = f" | {'unchunked MiB':>13} {'s':>6}" if args.unchunked else ""
     print(f"{'num_anchors':>11} {'blocks':>6} | {'deferred MiB':>12} {'s':>6} | {'at once MiB':>11} {'s':>6} | "
           f"{'at once/deferred MiB':>20} {'s':>5}{extra}")
