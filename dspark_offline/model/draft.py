@@ -214,17 +214,18 @@ class DSparkDraft(nn.Module):
 
     def block_hidden(self, out: DraftOutput, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The final-norm states [n, B, H] of blocks (rows[i], blocks[i]) of a forward's output
-        (rows, blocks [n] int64, sorted by row as `BlockTargets` holds them).
+        (rows, blocks [n] int64, in any order; `BlockTargets` holds them sorted by row).
 
-        Selected from `out.hidden` when the forward computed every block; otherwise computed here,
-        for these blocks only and row by row (a block sees only its own row's context), with
-        exactly the operations of the all-at-once forward.
+        Selected from `out.hidden` when the forward computed every block; otherwise computed here
+        for these blocks only, one backbone call per run of blocks of the same row (a block sees
+        only its own row's context): the operations of the all-at-once forward on fewer rows, so
+        equal to it up to float rounding (matmuls of other shapes may sum in another order).
         """
         if out.hidden is not None:
             return out.hidden[rows, blocks]
         b, s = self.cfg.block_size, out.ctx_kv[0][0].shape[2]
         dtype = out.ctx_kv[0][0].dtype
-        # one backbone call per row present (host sync; a chunk usually spans one or two rows)
+        # one backbone call per run of equal rows (a host sync; a chunk usually spans one or two rows)
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)
         if len(uniq) == 0:  # no block: an empty call on row 0 keeps every parameter in the graph
             uniq, counts = rows.new_zeros(1), rows.new_zeros(1)
