@@ -17,8 +17,10 @@ side in one run:
   gradients and optimizer state allocated) and ``--repeats`` times with all ``num_anchors``
   blocks (time: the median; CPU seconds of the process on CPU, wall clock on CUDA);
 - CPU: peak RSS increase of the measured steps (``resource.getrusage(RUSAGE_SELF).ru_maxrss``;
-  tracemalloc does not see torch's allocator), children run with ``MALLOC_MMAP_THRESHOLD_=65536``
-  so that freed tensors leave the RSS at once. CUDA: ``torch.cuda.max_memory_allocated``
+  tracemalloc does not see torch's allocator). By default the children run with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS at once and the peak is
+  that of the live tensors; ``--malloc adaptive`` keeps glibc's default (the RSS then also holds
+  freed heap memory that fragmentation keeps from being reused, noisy from run to run). CUDA: ``torch.cuda.max_memory_allocated``
   increase over the memory held before the steps.
 
 ``--unchunked`` adds a third path: all blocks at once and a single chunk of logits (no bound).
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-blocks", type=int, default=32, help="chunk_blocks of the deferred and all-at-once paths.")
     p.add_argument("--repeats", type=int, default=2, help="Measured steps per setting (time: their median).")
     p.add_argument("--unchunked", action="store_true", help="Also measure all blocks at once in a single chunk.")
+    p.add_argument("--malloc", choices=("fixed", "adaptive"), default="fixed",
+                   help="CPU: glibc's mmap threshold fixed at 64 KiB (RSS follows the live tensors) or its "
+                        "adaptive default (RSS also holds freed, fragmented heap).")
     p.add_argument("--seq-len", type=int, default=1024, help="Tokens of the sample (all supervised).")
     p.add_argument("--vocab", type=int, default=49152, help="Vocabulary V (SmolLM2: 49152).")
     p.add_argument("--hidden", type=int, default=576, help="Hidden size H (SmolLM2: 576).")
@@ -162,10 +167,13 @@ def main() -> None:
         paths["unchunked"] = max(anchors)  # >= every setting's block count: a single chunk
     settings = [{"num_anchors": a, "path": p, "chunk_blocks": c} for a in anchors for p, c in paths.items()]
     passthrough = sys.argv[1:]
-    # A fixed mmap threshold: glibc then returns every large freed tensor to the OS at once, so the
-    # RSS peak follows the live tensors (with its default, adaptive threshold it also holds freed
-    # heap memory, which made the same setting read 45 or 60 MiB from run to run)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    # A fixed mmap threshold: glibc then returns every freed tensor of 64 KiB or more to the OS at
+    # once, so the RSS peak follows the live tensors. With its adaptive default, tensors up to
+    # 32 MiB come from the heap, whose freed and fragmented parts the RSS keeps: it then also
+    # measures fragmentation, and the same setting reads 57 or 75 MiB from run to run.
+    env = dict(os.environ)
+    if args.malloc == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
     rows = []
     for s in settings:
         cmd = [sys.executable, __file__, *passthrough, "--child", json.dumps(s)]
@@ -179,7 +187,7 @@ def main() -> None:
     by = {(r["num_anchors"], r["path"]): r for r in rows}
     print(f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, V={args.vocab}, "
           f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, {args.layers} draft layer(s), "
-          f"chunk_blocks {args.chunk_blocks}; "
+          f"chunk_blocks {args.chunk_blocks}, malloc {args.malloc}; "
           f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, median of {args.repeats})")
     extra = f" | {'unchunked MiB':>13} {'s':>6}" if args.unchunked else ""
     print(f"{'num_anchors':>11} {'blocks':>6} | {'deferred MiB':>12} {'s':>6} | {'at once MiB':>11} {'s':>6} | "
