@@ -1,23 +1,31 @@
-"""Peak memory of one DSpark training step vs num_anchors, chunked vs unchunked logits.
+"""Peak memory and time of one DSpark training step vs num_anchors: deferred vs all-at-once blocks.
 
-The objective computes logits, softmax and losses in chunks of ``chunk_blocks`` blocks with
-activation checkpointing (DESIGN §4.10), so a step's memory should stay flat as
-``num_anchors`` grows, while computing all blocks at once grows like num_anchors · B · V.
-This script measures it side by side:
+A block attends to the context and to itself only, so training defers the drafter's block
+states (`DSparkDraft.forward(..., defer_blocks=True)`) and the objective computes them chunk
+by chunk of ``chunk_blocks`` blocks together with their logits and losses, each chunk
+checkpointed (DESIGN §4.10). A step's memory should then stay flat as ``num_anchors`` grows.
+The path before that ("all at once": every block's states in one forward, only the logits
+chunked) grows with num_anchors: the decoder layer's activations, among them its attention
+scores over the whole context, are kept for every block. This script measures both side by
+side in one run:
 
-- one **fresh subprocess per setting** (``num_anchors`` x ``chunk_blocks``), so peaks never
-  leak between settings;
+- one **fresh subprocess per setting** (``num_anchors`` x path), so peaks never leak between
+  settings;
 - each child builds the drafter with the target's dims (default: the embedded SmolLM2-135M,
-  H=576, V=49152, block 7, Markov rank 256), one sample of ``--seq-len`` supervised tokens,
-  then runs forward + backward + AdamW step once on a single block (warm-up: gradients and
-  optimizer state allocated) and once measured with all ``num_anchors`` blocks;
-- CPU: peak RSS increase of the measured step (``resource.getrusage(RUSAGE_SELF).ru_maxrss``;
-  tracemalloc does not see torch's allocator). CUDA: ``torch.cuda.max_memory_allocated``
-  increase over the memory held before the step.
+  H=576, V=49152, block 7, Markov rank 256; ``--layers`` draft layers, 1 as in params.yaml),
+  one sample of ``--seq-len`` supervised tokens, then runs forward + backward + AdamW step once on a single block (warm-up:
+  gradients and optimizer state allocated) and ``--repeats`` times with all ``num_anchors``
+  blocks (time: the median; CPU seconds of the process on CPU, wall clock on CUDA);
+- CPU: peak RSS increase of the measured steps (``resource.getrusage(RUSAGE_SELF).ru_maxrss``;
+  tracemalloc does not see torch's allocator). By default the children run with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS at once and the peak is
+  that of the live tensors; ``--malloc adaptive`` keeps glibc's default (the RSS then also holds
+  freed heap memory that fragmentation keeps from being reused, noisy from run to run). CUDA: ``torch.cuda.max_memory_allocated``
+  increase over the memory held before the steps.
 
-"unchunked" means ``chunk_blocks`` >= the number of blocks (one chunk: no bound).
+``--unchunked`` adds a third path: all blocks at once and a single chunk of logits (no bound).
 
-    OMP_NUM_THREADS=1 python benchmarks/train_memory.py                       # CPU, ~2-4 min
+    OMP_NUM_THREADS=1 python benchmarks/train_memory.py                       # CPU, ~3-6 min
     python benchmarks/train_memory.py --device cuda --anchors 64,128,256,512,1024
     python benchmarks/train_memory.py --vocab 8192 --seq-len 512             # quick look
 """
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +44,12 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
     p.add_argument("--anchors", default="64,128,256,512", help="Comma-separated num_anchors values.")
-    p.add_argument("--chunk-blocks", type=int, default=32, help="The chunked setting's chunk_blocks.")
+    p.add_argument("--chunk-blocks", type=int, default=32, help="chunk_blocks of the deferred and all-at-once paths.")
+    p.add_argument("--repeats", type=int, default=2, help="Measured steps per setting (time: their median).")
+    p.add_argument("--unchunked", action="store_true", help="Also measure all blocks at once in a single chunk.")
+    p.add_argument("--malloc", choices=("fixed", "adaptive"), default="fixed",
+                   help="CPU: glibc's mmap threshold fixed at 64 KiB (RSS follows the live tensors) or its "
+                        "adaptive default (RSS also holds freed, fragmented heap).")
     p.add_argument("--seq-len", type=int, default=1024, help="Tokens of the sample (all supervised).")
     p.add_argument("--vocab", type=int, default=49152, help="Vocabulary V (SmolLM2: 49152).")
     p.add_argument("--hidden", type=int, default=576, help="Hidden size H (SmolLM2: 576).")
@@ -43,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1536, help="MLP width (SmolLM2: 1536).")
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--markov-rank", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1, help="Draft decoder layers (params.yaml: 1).")
     p.add_argument("--context-layers", type=int, default=5, help="Target layer states L.")
     p.add_argument("--device", default="cpu", help="cpu or cuda.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON of one setting
@@ -64,14 +80,21 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     import torch
 
     from dspark_offline.config import TrainConfig
-    from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig, sample_anchors
+    from dspark_offline.model import (
+        DraftModelConfig,
+        DSparkDraft,
+        LossConfig,
+        block_targets,
+        dspark_loss,
+        sample_anchors,
+    )
     from dspark_offline.train.step import local_sums, pooled_loss
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     H, V, S, L = args.hidden, args.vocab, args.seq_len, args.context_layers
     cfg = DraftModelConfig(
-        hidden_size=H, num_layers=1, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        hidden_size=H, num_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=H // args.heads, intermediate_size=args.intermediate, rms_norm_eps=1e-5, rope_theta=1e5,
         max_position_embeddings=max(8192, S + args.block_size), vocab_size=V, num_target_layers=30,
         target_layer_ids=tuple(range(1, 1 + L)), block_size=args.block_size, markov_rank=args.markov_rank,
@@ -96,12 +119,19 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     # the README's numbers: l1_mode topk
     loss_cfg = LossConfig.from_train(TrainConfig(chunk_blocks=setting["chunk_blocks"], l1_mode="topk"))
 
+    def sums(a: torch.Tensor, k: torch.Tensor):
+        if setting["path"] == "deferred":  # what training runs (train/step.py)
+            return local_sums(model, batch, a, k, loss_cfg)
+        # every block's states in one forward, then the chunked objective selects them
+        targets = block_targets(batch, a, k, cfg.block_size, loss_cfg.gamma, loss_cfg.l1_mode)
+        return dspark_loss(model, model(batch["input_ids"], batch["hidden"], a, k), targets, loss_cfg)
+
     def step(a: torch.Tensor, k: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
-        loss = pooled_loss(local_sums(model, batch, a, k, loss_cfg), loss_cfg)
+        loss = pooled_loss(sums(a, k), loss_cfg)
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     # Warm-up with ONE block: gradients and AdamW state exist before the measurement, but the
     # high-water mark (ru_maxrss never goes down) stays far below the measured step's peak.
@@ -112,13 +142,18 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
         before = torch.cuda.memory_allocated(device)
     else:
         before = _peak_bytes(device)
-    t0 = time.perf_counter()
-    step(anchors, keep)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    # CPU: the process's CPU time, which other processes on a shared machine barely disturb (one
+    # thread: OMP_NUM_THREADS=1 is the documented way to run this); CUDA: wall clock
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    seconds, losses = [], []
+    for _ in range(args.repeats):
+        t0 = clock()
+        losses.append(step(anchors, keep))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(clock() - t0)
     return {**setting, "blocks": int(keep.sum()), "step_peak_mib": (_peak_bytes(device) - before) / 2**20,
-            "seconds": seconds}
+            "seconds": statistics.median(seconds), "loss": losses[0]}
 
 
 def main() -> None:
@@ -127,32 +162,51 @@ def main() -> None:
         print(json.dumps(child(args, json.loads(args.child))))
         return
     anchors = [int(a) for a in args.anchors.split(",")]
-    unbounded = max(anchors)  # >= every setting's block count: a single chunk
-    settings = [{"num_anchors": a, "chunk_blocks": c} for a in anchors for c in (args.chunk_blocks, unbounded)]
+    paths = {"deferred": args.chunk_blocks, "at_once": args.chunk_blocks}
+    if args.unchunked:
+        paths["unchunked"] = max(anchors)  # >= every setting's block count: a single chunk
+    settings = [{"num_anchors": a, "path": p, "chunk_blocks": c} for a in anchors for p, c in paths.items()]
     passthrough = sys.argv[1:]
+    # A fixed mmap threshold: glibc then returns every freed tensor of 64 KiB or more to the OS at
+    # once, so the RSS peak follows the live tensors. With its adaptive default, tensors up to
+    # 32 MiB come from the heap, whose freed and fragmented parts the RSS keeps: it then also
+    # measures fragmentation, and the same setting reads 57 or 75 MiB from run to run.
+    env = dict(os.environ)
+    if args.malloc == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
     rows = []
     for s in settings:
         cmd = [sys.executable, __file__, *passthrough, "--child", json.dumps(s)]
-        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"setting {s} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  measured {s} -> {rows[-1]['step_peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        print(f"  measured {s} -> {rows[-1]['step_peak_mib']:.0f} MiB, {rows[-1]['seconds']:.2f} s",
+              file=sys.stderr, flush=True)
 
-    print(f"\npeak memory of one training step (device {args.device}, S={args.seq_len}, V={args.vocab}, "
-          f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank})")
-    print(f"{'num_anchors':>11} {'blocks':>6} | {'chunk=' + str(args.chunk_blocks) + ' MiB':>14} {'s':>6} | "
-          f"{'unchunked MiB':>14} {'s':>6} | {'unchunked/chunked':>17}")
-    by = {(r["num_anchors"], r["chunk_blocks"]): r for r in rows}
+    by = {(r["num_anchors"], r["path"]): r for r in rows}
+    print(f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, V={args.vocab}, "
+          f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, {args.layers} draft layer(s), "
+          f"chunk_blocks {args.chunk_blocks}, malloc {args.malloc}; "
+          f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, median of {args.repeats})")
+    extra = f" | {'unchunked MiB':>13} {'s':>6}" if args.unchunked else ""
+    print(f"{'num_anchors':>11} {'blocks':>6} | {'deferred MiB':>12} {'s':>6} | {'at once MiB':>11} {'s':>6} | "
+          f"{'at once/deferred MiB':>20} {'s':>5}{extra}")
     for a in anchors:
-        c, u = by[(a, args.chunk_blocks)], by[(a, unbounded)]
-        ratio = u["step_peak_mib"] / max(c["step_peak_mib"], 1e-9)
-        print(f"{a:>11} {c['blocks']:>6} | {c['step_peak_mib']:>14.0f} {c['seconds']:>6.2f} | "
-              f"{u['step_peak_mib']:>14.0f} {u['seconds']:>6.2f} | {ratio:>17.2f}")
-    lo, hi = by[(anchors[0], args.chunk_blocks)], by[(anchors[-1], args.chunk_blocks)]
-    print(f"chunked peak growth {anchors[0]} -> {anchors[-1]} anchors: "
-          f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.2f}x")
-
+        d, o = by[(a, "deferred")], by[(a, "at_once")]
+        line = (f"{a:>11} {d['blocks']:>6} | {d['step_peak_mib']:>12.0f} {d['seconds']:>6.2f} | "
+                f"{o['step_peak_mib']:>11.0f} {o['seconds']:>6.2f} | "
+                f"{o['step_peak_mib'] / max(d['step_peak_mib'], 1e-9):>20.2f} {o['seconds'] / d['seconds']:>5.2f}")
+        if args.unchunked:
+            u = by[(a, "unchunked")]
+            line += f" | {u['step_peak_mib']:>13.0f} {u['seconds']:>6.2f}"
+        print(line)
+        if abs(d["loss"] - o["loss"]) > 1e-5 * abs(o["loss"]):  # the same objective on both paths
+            raise SystemExit(f"num_anchors {a}: deferred loss {d['loss']} != all-at-once loss {o['loss']}")
+    for p in paths:
+        lo, hi = by[(anchors[0], p)], by[(anchors[-1], p)]
+        print(f"{p:>9} peak growth {anchors[0]} -> {anchors[-1]} anchors: "
+              f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.2f}x")
 
 if __name__ == "__main__":
     main()

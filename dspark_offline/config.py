@@ -262,7 +262,10 @@ class TrainConfig(_Section):
         "smallest stored one); 'topk' = Σ_K|q-p| + |Q_rest - r|, a looser lower bound (mean error "
         "about -0.06 at top-64). benchmarks/topk_l1.py measures all four."
     )
-    chunk_blocks: int = Field(256, ge=1, description="Blocks per chunk when computing logits and losses.")
+    chunk_blocks: int = Field(
+        256, ge=1, description="Blocks per chunk when computing the draft states, logits and losses (one "
+        "chunk's activations at a time: a step's memory does not grow with num_anchors).",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Training dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )

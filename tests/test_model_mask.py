@@ -56,7 +56,8 @@ def test_fully_masked_rows_give_zero_not_nan(make_tiny_draft):
 
     inv = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
     pos_q = (anchors[:, :, None] + torch.arange(b)).flatten(1)
-    out = attn(x, ctx, rope_cos_sin(pos_q, inv, x.dtype), rope_cos_sin(torch.arange(6)[None], inv, x.dtype), mask)
+    ctx_kv = attn.context_kv(ctx, rope_cos_sin(torch.arange(6)[None], inv, x.dtype))
+    out = attn(x, ctx_kv, rope_cos_sin(pos_q, inv, x.dtype), mask)
     assert torch.isfinite(out).all()
     pre_o = out  # o_proj has no bias, so a zero attention output stays zero
     assert torch.count_nonzero(pre_o[0, 2 * b :]) == 0

@@ -28,9 +28,21 @@ from .layers import DraftDecoderLayer, RMSNorm, rope_cos_sin
 
 @dataclass
 class DraftOutput:
-    """Training forward of a batch of blocks (Bt rows, A blocks per row, B slots per block)."""
+    """Training forward of a batch of blocks (Bt rows, A blocks per row, B slots per block).
 
-    hidden: torch.Tensor  # [Bt, A, B, H] final-norm draft states, slot j predicts x[a+j+1]
+    Blocks attend to the context and to themselves, never to each other, so a block's states
+    depend only on what every block shares (the context's keys and values in each layer) and on
+    its own input. `hidden` holds every block's states when the forward computed them at once;
+    a deferred forward (`defer_blocks=True`, what training uses) computes only the shared part,
+    and `DSparkDraft.block_hidden` computes the blocks the objective asks for, a chunk at a time
+    under activation checkpointing, so a step's memory does not grow with the number of blocks.
+    """
+
+    ctx_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per draft layer: context keys, values [Bt, nkv, S, hd]
+    block_ids: torch.Tensor  # [Bt, A, B] int64 block inputs [x[a], MASK × (B−1)]
+    anchors: torch.Tensor  # [Bt, A] int64
+    keep: torch.Tensor  # [Bt, A] bool, False = padding block
+    hidden: torch.Tensor | None = None  # [Bt, A, B, H] final-norm draft states (None: deferred)
 
 
 class DraftBlock(NamedTuple):
@@ -114,6 +126,22 @@ class DSparkDraft(nn.Module):
         self._require_head()
         return nn.functional.embedding(ids, self.embed_weight)
 
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [Bt, N, hd] at positions [Bt, N]."""
+        # RoPE frequencies are recomputed in fp32 each call (not a buffer: a bf16 cast of the
+        # module would round them and shift every position)
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (
+            torch.arange(0, hd, 2, dtype=torch.float32, device=positions.device) / hd
+        )  # [hd/2]
+        return rope_cos_sin(positions, inv_freq, dtype)
+
+    def context_kv(self, ctx: torch.Tensor, ctx_positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ctx [Bt, T, H] at positions [Bt, T] -> per draft layer its context keys and values
+        [Bt, nkv, T, hd]: what every block of the batch attends to."""
+        rope_ctx = self._rope(ctx_positions, ctx.dtype)
+        return [layer.self_attn.context_kv(ctx, rope_ctx) for layer in self.layers]
+
     def backbone(
         self,
         block_embeds: torch.Tensor,  # [Bt, Q, H]
@@ -122,18 +150,14 @@ class DSparkDraft(nn.Module):
         ctx_positions: torch.Tensor,  # [Bt, T] int64
         mask: torch.Tensor | BlockLayout,  # [Bt, Q, T+Q] bool, or its compact BlockLayout
     ) -> torch.Tensor:  # [Bt, Q, H] final-norm states
-        dtype = block_embeds.dtype
-        # RoPE frequencies are recomputed in fp32 each call (not a buffer: a bf16 cast of the
-        # module would round them and shift every position)
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (
-            torch.arange(0, hd, 2, dtype=torch.float32, device=block_embeds.device) / hd
-        )  # [hd/2]
-        rope_q = rope_cos_sin(block_positions, inv_freq, dtype)
-        rope_ctx = rope_cos_sin(ctx_positions, inv_freq, dtype)
+        return self._blocks(block_embeds, block_positions, self.context_kv(ctx, ctx_positions), mask)
+
+    def _blocks(self, block_embeds, block_positions, ctx_kv, mask) -> torch.Tensor:  # [Bt, Q, H]
+        """The decoder layers over block queries, given every layer's context keys/values."""
+        rope_q = self._rope(block_positions, block_embeds.dtype)
         x = block_embeds
-        for layer in self.layers:
-            x = layer(x, ctx, rope_q, rope_ctx, mask)
+        for layer, kv in zip(self.layers, ctx_kv, strict=True):
+            x = layer(x, kv, rope_q, mask)
         return self.norm(x)
 
     def head_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,19 +193,53 @@ class DSparkDraft(nn.Module):
         hidden: torch.Tensor,  # [Bt, S, L, H] target layer states
         anchors: torch.Tensor,  # [Bt, A] int64
         keep: torch.Tensor,  # [Bt, A] bool
+        defer_blocks: bool = False,
     ) -> DraftOutput:
+        """Every block's states at once, or with ``defer_blocks`` only the context keys/values
+        every block shares (the block states then come from `block_hidden`, see `DraftOutput`)."""
         bt, s = input_ids.shape
         a, b = anchors.shape[1], self.cfg.block_size
         ctx = self.context(hidden)  # [Bt, S, H]
-        offs = torch.arange(b, device=input_ids.device)
-        positions = anchors[:, :, None] + offs  # [Bt, A, B]
-        block_ids = torch.full_like(positions, self.cfg.mask_token_id)
+        ctx_kv = self.context_kv(ctx, torch.arange(s, device=input_ids.device).expand(bt, s))
+        block_ids = torch.full((bt, a, b), self.cfg.mask_token_id, dtype=torch.int64, device=input_ids.device)
         block_ids[:, :, 0] = torch.gather(input_ids, 1, anchors)  # x[a]
+        out = DraftOutput(ctx_kv=ctx_kv, block_ids=block_ids, anchors=anchors, keep=keep)
+        if defer_blocks:
+            return out
         embeds = self.embed(block_ids).flatten(1, 2).to(ctx.dtype)  # [Bt, A·B, H]
-        ctx_pos = torch.arange(s, device=input_ids.device).expand(bt, s)  # [Bt, S]
+        positions = anchors[:, :, None] + torch.arange(b, device=input_ids.device)  # [Bt, A, B]
         mask = block_layout(anchors, keep, s, b)  # block n sees ctx < a_n and itself
-        out = self.backbone(embeds, positions.flatten(1), ctx, ctx_pos, mask)  # [Bt, A·B, H]
-        return DraftOutput(hidden=out.view(bt, a, b, -1))
+        out.hidden = self._blocks(embeds, positions.flatten(1), ctx_kv, mask).view(bt, a, b, -1)
+        return out
+
+    def block_hidden(self, out: DraftOutput, rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The final-norm states [n, B, H] of blocks (rows[i], blocks[i]) of a forward's output
+        (rows, blocks [n] int64, in any order; `BlockTargets` holds them sorted by row).
+
+        Selected from `out.hidden` when the forward computed every block; otherwise computed here
+        for these blocks only, one backbone call per run of blocks of the same row (a block sees
+        only its own row's context): the operations of the all-at-once forward on fewer rows, so
+        equal to it up to float rounding (matmuls of other shapes may sum in another order).
+        """
+        if out.hidden is not None:
+            return out.hidden[rows, blocks]
+        b, s = self.cfg.block_size, out.ctx_kv[0][0].shape[2]
+        dtype = out.ctx_kv[0][0].dtype
+        # one backbone call per run of equal rows (a host sync; a chunk usually spans one or two rows)
+        uniq, counts = torch.unique_consecutive(rows, return_counts=True)
+        if len(uniq) == 0:  # no block: an empty call on row 0 keeps every parameter in the graph
+            uniq, counts = rows.new_zeros(1), rows.new_zeros(1)
+        parts, lo = [], 0
+        for r, n in zip(uniq.tolist(), counts.tolist(), strict=True):
+            blk = blocks[lo : lo + n]  # [n]
+            lo += n
+            anchors, keep = out.anchors[r, blk][None], out.keep[r, blk][None]  # [1, n]
+            embeds = self.embed(out.block_ids[r, blk]).flatten(0, 1)[None].to(dtype)  # [1, n·B, H]
+            positions = (anchors[:, :, None] + torch.arange(b, device=anchors.device)).flatten(1)  # [1, n·B]
+            mask = block_layout(anchors, keep, s, b)
+            kv = [(k[r : r + 1], v[r : r + 1]) for k, v in out.ctx_kv]
+            parts.append(self._blocks(embeds, positions, kv, mask).view(n, b, self.cfg.hidden_size))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()

@@ -72,19 +72,27 @@ class DraftAttention(nn.Module):
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:  # [Bt, N, n·hd] -> [Bt, n, N, hd]
         return x.view(*x.shape[:2], n, self.hd).transpose(1, 2)
 
+    def context_kv(
+        self,
+        ctx: torch.Tensor,  # [Bt, T, H] context (hidden_norm(fc(...)))
+        rope_ctx: tuple[torch.Tensor, torch.Tensor],  # cos/sin [Bt, T, hd] at context positions
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values [Bt, nkv, T, hd]
+        """The context's keys (k_norm, RoPE) and values: shared by every block, so computed once."""
+        k_ctx = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.nkv)), *rope_ctx)
+        return k_ctx, self._heads(self.v_proj(ctx), self.nkv)
+
     def forward(
         self,
         x: torch.Tensor,  # [Bt, Q, H] normed block states
-        ctx: torch.Tensor,  # [Bt, T, H] context (hidden_norm(fc(...)))
+        ctx_kv: tuple[torch.Tensor, torch.Tensor],  # context keys/values [Bt, nkv, T, hd] (`context_kv`)
         rope_q: tuple[torch.Tensor, torch.Tensor],  # cos/sin [Bt, Q, hd] at block positions
-        rope_ctx: tuple[torch.Tensor, torch.Tensor],  # cos/sin [Bt, T, hd] at context positions
         mask: torch.Tensor | BlockLayout,  # [Bt, Q, T+Q] bool (True = attend), or the compact layout
     ) -> torch.Tensor:  # [Bt, Q, H]
         # q/k RMSNorm is per head over hd (the last dim), so it is layout-independent
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.nh)), *rope_q)  # [Bt, nh, Q, hd]
         k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.nkv)), *rope_q)  # [Bt, nkv, Q, hd]
-        k_ctx = apply_rope(self.k_norm(self._heads(self.k_proj(ctx), self.nkv)), *rope_ctx)  # [Bt, nkv, T, hd]
-        v_blk, v_ctx = self._heads(self.v_proj(x), self.nkv), self._heads(self.v_proj(ctx), self.nkv)
+        v_blk = self._heads(self.v_proj(x), self.nkv)
+        k_ctx, v_ctx = ctx_kv
         if isinstance(mask, BlockLayout) and q.device.type == "cpu":
             out = blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask)  # [Bt, nh, Q, hd]
         else:  # CUDA: SDPA's kernels take the dense mask without materialising the scores
@@ -155,6 +163,6 @@ class DraftDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DraftMLP(cfg)
 
-    def forward(self, x, ctx, rope_q, rope_ctx, mask) -> torch.Tensor:  # [Bt, Q, H]
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_q, rope_ctx, mask)
+    def forward(self, x, ctx_kv, rope_q, mask) -> torch.Tensor:  # [Bt, Q, H]
+        x = x + self.self_attn(self.input_layernorm(x), ctx_kv, rope_q, mask)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -8,8 +8,8 @@ statistics every metric is derived from (`metrics.py`). `model` is the single-de
 
 It does not run the forward, know about DeepSpeed, or normalise: `train/` runs the forward and
 divides `sums.objective(cfg)` by Σw all-reduced over the data-parallel group (DESIGN §4 item 9).
-Logits, softmax and losses are computed in chunks of blocks with activation checkpointing, so
-memory does not grow with num_anchors·B·V.
+The draft states (when the forward deferred them), logits, softmax and losses are computed in
+chunks of blocks with activation checkpointing, so memory does not grow with num_anchors.
 """
 
 from __future__ import annotations
@@ -61,35 +61,40 @@ class LossConfig:
 
 def dspark_loss(model: DSparkDraft, out: DraftOutput, targets: BlockTargets, cfg: LossConfig) -> LossSums:
     """The objective's local sums over `targets`' supervised blocks (`block_targets` of the same
-    batch and anchors as `out`)."""
-    h = targets.select(out.hidden)  # [N, B, H]
+    batch and anchors as `out`).
+
+    Works chunk by chunk of `cfg.chunk_blocks` blocks: the chunk's draft states (computed here
+    when the forward deferred them, `DraftOutput`), logits and losses. With several chunks each
+    is checkpointed (rebuilt in the backward), so only one chunk's activations exist at a time.
+    """
     n, c = len(targets), cfg.chunk_blocks
     # With a single chunk, recomputing it in the backward would not lower the peak (its logits
     # are rebuilt there anyway), so checkpointing only pays when there are several chunks.
-    recompute = torch.is_grad_enabled() and h.requires_grad and n > c
+    made = out.hidden if out.hidden is not None else out.ctx_kv[0][0]  # what the chunks' states come from
+    recompute = torch.is_grad_enabled() and made.requires_grad and n > c
 
     def chunk(lo: int) -> LossSums:
-        args = (model, h[lo : lo + c], targets[lo : lo + c], cfg.l1_mode)
+        args = (model, out, targets[lo : lo + c], cfg.l1_mode)
         return checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args)
 
-    sums = functools.reduce(operator.add, map(chunk, range(0, n, c) or [0]))  # n = 0: one empty chunk
+    # n = 0: one empty chunk, which still reaches every parameter (DeepSpeed needs a graph every step)
+    sums = functools.reduce(operator.add, map(chunk, range(0, n, c) or [0]))
     return replace(
         sums,
-        # the 0·Σh term keeps every backbone parameter in the graph when no block is valid
-        ce=sums.ce + 0.0 * out.hidden.sum(),
         # Σw and the slot counts over all blocks at once (one float32 summation order for any chunking)
         weight=targets.weight.sum().detach(),
         tokens=targets.eval.float().sum(0),  # [B]
-        blocks=h.new_tensor(float(n), dtype=torch.float32),
+        blocks=targets.weight.new_tensor(float(n), dtype=torch.float32),
     )
 
 
-def _chunk_sums(model: DSparkDraft, h: torch.Tensor, t: BlockTargets, l1_mode: str) -> LossSums:
-    """The sums of one chunk of n blocks (h [n, B, H]); weight/tokens/blocks are set by the caller.
+def _chunk_sums(model: DSparkDraft, out: DraftOutput, t: BlockTargets, l1_mode: str) -> LossSums:
+    """The sums of one chunk of n blocks; weight/tokens/blocks are set by the caller.
 
     With a training vocabulary (`DSparkDraft.set_train_vocab`) the draft distribution q lives on
     its Vs entries (0 elsewhere): a label outside it gets no CE term (counted in `outside`).
     """
+    h = model.block_hidden(out, t.rows, t.blocks)  # [n, B, H]
     logits = model.block_logits(h, t.prev, model.train_vocab)  # [n, B, V or Vs] float32
     logq = torch.log_softmax(logits, dim=-1)
     lab, inside = in_vocab(model, t.labels)  # [n, B] positions in q, [n, B] bool

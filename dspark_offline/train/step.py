@@ -28,7 +28,8 @@ def local_sums(engine, batch: dict, anchors: torch.Tensor, keep: torch.Tensor, c
     """The drafter forward on the blocks at `anchors`/`keep` [Bt, A] and this rank's `LossSums`."""
     drafter = drafter_of(engine)
     targets = block_targets(batch, anchors, keep, drafter.cfg.block_size, cfg.gamma, cfg.l1_mode)
-    out = engine(batch["input_ids"], batch["hidden"], anchors, keep)  # hidden [Bt, A, B, H]
+    # deferred blocks: dspark_loss computes the draft states chunk by chunk (memory flat in num_anchors)
+    out = engine(batch["input_ids"], batch["hidden"], anchors, keep, defer_blocks=True)
     return dspark_loss(drafter, out, targets, cfg)
 
 
