@@ -91,7 +91,9 @@ def prepare(
 ) -> None:
     """Render conversations with the target's chat template into token ids + loss mask."""
     p = build_params(
-        params, set_, **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples}
+        params,
+        set_,
+        **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples},
     )
     _setup_process()
     from dspark_offline.prepare import run
@@ -105,7 +107,9 @@ def generate(
     set_: SetOpt = None,
     output: Annotated[Optional[str], typer.Option(help="Directory of the generated training data.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer tokens per prompt at most.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; > 0 samples with generate.seed.")] = None,
+    temperature: Annotated[
+        Optional[float], typer.Option(help="0 = greedy; > 0 samples with generate.seed.")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together.")] = None,
 ) -> None:
     """On-policy data: the target answers the first turn of every training prompt (resumable).
@@ -142,7 +146,9 @@ def dump(
         Optional[int],
         typer.Option(help="The part this worker writes (default: its launcher rank's parts, else all)."),
     ] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
+    overwrite: Annotated[
+        Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")
+    ] = None,
 ) -> None:
     """Run the target once over the training data (generate.output when generate.enabled, else
     prepare.output) and write the Zarr feature store (resumable). Under torchrun, the deepspeed
@@ -150,7 +156,12 @@ def dump(
     p = build_params(
         params,
         set_,
-        **{"dump.store": store, "dump.num_parts": num_parts, "dump.part_index": part_index, "dump.overwrite": overwrite},
+        **{
+            "dump.store": store,
+            "dump.num_parts": num_parts,
+            "dump.part_index": part_index,
+            "dump.overwrite": overwrite,
+        },
     )
     _setup_process()
     from dspark_offline.dump import run
@@ -165,21 +176,31 @@ def train(
     store: Annotated[Optional[str], typer.Option(help="Feature store to train from.")] = None,
     output_dir: Annotated[Optional[str], typer.Option(help="Run directory.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+    resume: Annotated[
+        Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")
+    ] = None,
     overwrite: Annotated[
         Optional[bool],
-        typer.Option("--overwrite", help="Start afresh in an output dir that holds checkpoints, deleting them "
-                     "(refused without it)."),
+        typer.Option(
+            "--overwrite",
+            help="Start afresh in an output dir that holds checkpoints, deleting them (refused without it).",
+        ),
     ] = None,
     allow_param_change: Annotated[
         Optional[bool],
-        typer.Option("--allow-param-change", help="With --resume: accept training params (learning rate, "
-                     "schedule, batch, ...) that differ from the checkpoint's (refused without it)."),
+        typer.Option(
+            "--allow-param-change",
+            help="With --resume: accept training params (learning rate, "
+            "schedule, batch, ...) that differ from the checkpoint's (refused without it).",
+        ),
     ] = None,
     allow_partial_store: Annotated[
         Optional[bool],
-        typer.Option("--allow-partial-store", help="Train on the complete parts of a store whose other parts "
-                     "are missing or unfinished (refused without it)."),
+        typer.Option(
+            "--allow-partial-store",
+            help="Train on the complete parts of a store whose other parts "
+            "are missing or unfinished (refused without it).",
+        ),
     ] = None,
 ) -> None:
     """Train the drafter from the store with DeepSpeed ZeRO-2 (also under torchrun / deepspeed)."""
@@ -210,12 +231,16 @@ def export(
     output: Annotated[Optional[str], typer.Option(help="Serving directory to write.")] = None,
     overwrite: Annotated[
         Optional[bool],
-        typer.Option("--overwrite", help="Replace the files of a non-empty output directory (refused without it)."),
+        typer.Option(
+            "--overwrite", help="Replace the files of a non-empty output directory (refused without it)."
+        ),
     ] = None,
 ) -> None:
     """Write the serving directory (config.json + model.safetensors) SGLang's DSpark loader reads."""
     p = build_params(
-        params, set_, **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite}
+        params,
+        set_,
+        **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite},
     )
     _setup_process()
     from dspark_offline.train.export import run
@@ -268,8 +293,11 @@ def verify(
     store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
     quick: Annotated[
         bool,
-        typer.Option("--quick", help="Manifest, shapes and the presence of every shard/chunk object and shard "
-                     "index only, no data decoded (what `train` checks before step 0)."),
+        typer.Option(
+            "--quick",
+            help="Manifest, shapes and the presence of every shard/chunk object and shard "
+            "index only, no data decoded (what `train` checks before step 0).",
+        ),
     ] = False,
 ) -> None:
     """Read every shard and chunk back (target head and sample index included); report missing or

@@ -129,7 +129,12 @@ def _start(cli: list[str], params: Path, tmp: Path, *sets: str) -> subprocess.Po
     env = dict(os.environ, TMPDIR=str(tmp / "tmp"), PYTHONUNBUFFERED="1")
     cmd = [*cli, "dump", "-p", str(params), "-S", "dump.backend=vllm", *[a for s in sets for a in ("-S", s)]]
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
         preexec_fn=_terminal_signals,
     )
 

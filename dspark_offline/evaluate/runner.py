@@ -88,7 +88,9 @@ def run(params: Params) -> dict:
     target = load_target(params.target)
     decoders = _decoders(params, target.model)
     for drafter_dir in [cfg.drafter or params.export.output, *([cfg.compare] if cfg.compare else [])]:
-        for line in check_drafter(drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights):
+        for line in check_drafter(
+            drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights
+        ):
             print(f"[evaluate] {line}")
     prompts, skipped = load_prompts(params.prepare.output, cfg.num_prompts)
     param = next(target.model.parameters())

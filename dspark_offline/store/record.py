@@ -168,7 +168,9 @@ def read_record(store: str | Path) -> dict | None:
     try:
         return json.loads(text)
     except ValueError as e:
-        raise StoreChangedError(f"{path}: not a completion record ({e}); remove it and re-run the dump") from e
+        raise StoreChangedError(
+            f"{path}: not a completion record ({e}); remove it and re-run the dump"
+        ) from e
 
 
 def _differences(recorded: dict, now: dict) -> list[str]:

@@ -82,8 +82,12 @@ class ProcessPool:
         self._inflight: dict[int, tuple[PartState, ShardPlan, int]] = {}
         self._next_task = 0
         self._procs = [
-            ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid()),
-                        name=f"dspark-store-writer-{i}", daemon=True)
+            ctx.Process(
+                target=_worker_main,
+                args=(self._tasks, self._results, os.getpid()),
+                name=f"dspark-store-writer-{i}",
+                daemon=True,
+            )
             for i in range(workers)
         ]
         for p in self._procs:
@@ -249,6 +253,7 @@ def _watch(pid: int):
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
+
         def gone() -> bool:
             try:
                 os.kill(pid, 0)

@@ -74,7 +74,9 @@ def resolve_target_path(path: str, cache_dir: str | None = None) -> Path:
     if path != EMBEDDED_TARGET:
         p = Path(path)
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"target.path={path!r}: not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(
+                f"target.path={path!r}: not a Hugging Face model directory (no config.json)"
+            )
         return p
     src = gguf_path()
     out = _converted_dir(src, cache_dir)

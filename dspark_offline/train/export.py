@@ -39,7 +39,9 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     else:
         states = checkpoint / "mp_rank_00_model_states.pt"
         if not states.is_file():
-            raise ckpt_io.CheckpointError(f"{checkpoint}: no DeepSpeed model states ({states.name}) to export")
+            raise ckpt_io.CheckpointError(
+                f"{checkpoint}: no DeepSpeed model states ({states.name}) to export"
+            )
         sd = torch.load(states, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in sd.items()}
 
@@ -114,9 +116,14 @@ def run(params: Params) -> dict:
         )
     dtype = torch.bfloat16 if meta.get("dtype") == "bfloat16" else torch.float32
     out = save_serving(model, params.export.output, dtype=dtype)
-    provenance = {"checkpoint": str(checkpoint), "step": meta.get("step"), "store": meta.get("store"),
-                  "store_fingerprint": meta.get("store_fingerprint"), "target_weights_hash": weights,
-                  "metrics": meta.get("metrics", {})}
+    provenance = {
+        "checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "store": meta.get("store"),
+        "store_fingerprint": meta.get("store_fingerprint"),
+        "target_weights_hash": weights,
+        "metrics": meta.get("metrics", {}),
+    }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     log.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     return {"output": str(out), **provenance}

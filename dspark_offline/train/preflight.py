@@ -33,10 +33,20 @@ from dspark_offline.train.dataset import SampleReadError
 
 # train.* fields that may change on resume: where and how often things are written, memory use.
 # Everything else (learning rate, schedule, batch, loss, data selection, seed, dtype) changes the run.
-RESUME_FREE_FIELDS = frozenset({
-    "output_dir", "resume", "overwrite", "allow_param_change", "allow_partial_store",
-    "save_every", "log_every", "val_every", "cache_gb", "chunk_blocks",
-})
+RESUME_FREE_FIELDS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "overwrite",
+        "allow_param_change",
+        "allow_partial_store",
+        "save_every",
+        "log_every",
+        "val_every",
+        "cache_gb",
+        "chunk_blocks",
+    }
+)
 
 
 class IncompleteStoreError(StoreError):
@@ -78,8 +88,10 @@ def open_training_store(params: Params, say) -> FeatureStore:
                 f"finish the dump (re-run it: it resumes), or pass --allow-partial-store "
                 f"(train.allow_partial_store=true) to train on the complete parts only ({samples})"
             )
-        say(f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
-            f"{', '.join(incomplete)} missing or unfinished (train.allow_partial_store)")
+        say(
+            f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
+            f"{', '.join(incomplete)} missing or unfinished (train.allow_partial_store)"
+        )
     return store
 
 
@@ -98,7 +110,9 @@ def check_store(store: FeatureStore, params: Params, resume_meta: dict | None = 
             "has_final_hidden=True: dump with dump.store_final_hidden=true, or train with "
             "train.l1_mode=capped (the tightest bound from the top-k alone) or topk"
         )
-    want_layers = resolve_layer_ids(params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids)
+    want_layers = resolve_layer_ids(
+        params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids
+    )
     check_compatible(m, target_name=params.target.path, layer_ids=want_layers, store=store.path)
     _probe_first_sample(store, need_final_hidden=needs_final_hidden(mode))
     if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
@@ -115,7 +129,9 @@ def _probe_first_sample(store: FeatureStore, need_final_hidden: bool) -> None:
     try:
         s = store.sample(0)
     except Exception as e:
-        raise SampleReadError(f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}") from e
+        raise SampleReadError(
+            f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}"
+        ) from e
     n, L, H, K = len(s.input_ids), len(m.layer_ids), m.target.hidden_size, m.top_k
     want = {"hidden": (n, L, H), "topk_ids": (n, K), "topk_probs": (n, K)}
     if need_final_hidden:
@@ -154,7 +170,9 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 def _changes(old: dict, new: dict, skip: frozenset = frozenset()) -> list[str]:
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if k not in skip and a[k] != b[k]]
+    return [
+        f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if k not in skip and a[k] != b[k]
+    ]
 
 
 def check_resume(meta: dict, params: Params, draft_config: dict, resume_from: Path, say) -> None:
@@ -197,8 +215,10 @@ def check_target_weights(store: FeatureStore, params: Params) -> str:
     recorded = store.manifest.target.weights_hash
     target_dir, now = check_local_weights(params.target, recorded, f"the feature store {store.path}")
     if target_dir is None:
-        return (f"target weights not checked: {params.target.path} is not a local model directory here "
-                "(export and evaluate check them)")
+        return (
+            f"target weights not checked: {params.target.path} is not a local model directory here "
+            "(export and evaluate check them)"
+        )
     if now != recorded:
         return f"target weights changed since the dump ({recorded} -> {now}), accepted: target.allow_changed_weights"
     return f"target weights unchanged since the dump (weights_hash {now})"
