@@ -48,7 +48,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-CONFIGS = {  # name: (hidden, layers, top_k, samples, min len, max len, micro, loader workers, step s, cache GiB)
+# name: (hidden, layers, top_k, samples, min len, max len, micro, loader workers, step s, cache GiB)
+CONFIGS = {
     "smollm2": (576, 5, 64, 256, 32, 350, 2, 0, 0.42, 4.0),
     "qwen3-8b": (4096, 5, 64, 48, 256, 2048, 1, 2, 0.10, 0.0),
     "tiny": (64, 2, 8, 24, 16, 96, 2, 2, 0.01, 0.0),  # --quick
@@ -273,8 +274,9 @@ def run(args) -> list[Result]:
                 for e, (wait, total, steps) in enumerate(epochs):
                     r = Result(label, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
                     print(
-                        f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time ({wait:.2f} of "
-                        f"{total:.1f} s, {steps} steps); loader CPU {cpu_per_batch * 1e3:.0f} ms/batch",
+                        f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time "
+                        f"({wait:.2f} of {total:.1f} s, {steps} steps); "
+                        f"loader CPU {cpu_per_batch * 1e3:.0f} ms/batch",
                         flush=True,
                     )
                     out.append(r)
@@ -308,8 +310,8 @@ def table(results: list[Result]) -> str:
         # a worker keeps up when its CPU per batch fits in (workers x step); 2 % slack for the rest
         need = max(1, -(-int(r.cpu_per_batch_s * 1e6) // int(r.step_s * 0.98 * 1e6))) if r.step_s else "-"
         lines.append(
-            f"| {r.config} | {r.epoch} | {r.workers} | {r.step_s:.2f} | {r.steps} | {r.wait_s:.2f} | {r.total_s:.1f} "
-            f"| {r.wait_s / r.total_s:.2%} | {r.cpu_per_batch_s * 1e3:.0f} | {need} |"
+            f"| {r.config} | {r.epoch} | {r.workers} | {r.step_s:.2f} | {r.steps} | {r.wait_s:.2f} "
+            f"| {r.total_s:.1f} | {r.wait_s / r.total_s:.2%} | {r.cpu_per_batch_s * 1e3:.0f} | {need} |"
         )
     return "\n".join(lines)
 

@@ -78,8 +78,9 @@ def main() -> None:
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else min(stops))
     lens = [len(p) for p in prompts]
     print(
-        f"{len(prompts)} prompts, {sum(lens)} prompt tokens (median {int(np.median(lens))}, max {max(lens)}); "
-        f"max_new_tokens {args.max_new_tokens}; threads {torch.get_num_threads()}; stop ids {sorted(stops)}"
+        f"{len(prompts)} prompts, {sum(lens)} prompt tokens "
+        f"(median {int(np.median(lens))}, max {max(lens)}); max_new_tokens {args.max_new_tokens}; "
+        f"threads {torch.get_num_threads()}; stop ids {sorted(stops)}"
     )
 
     def ours(batch):

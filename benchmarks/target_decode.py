@@ -108,7 +108,8 @@ def main(argv=None) -> None:
         f"{torch.get_num_threads()} threads"
     )
     print(
-        "| step | stock (sdpa, DynamicCache) ms | our attention ms | + growing cache ms | speed-up | max logit diff |"
+        "| step | stock (sdpa, DynamicCache) ms | our attention ms | + growing cache ms | speed-up "
+        "| max logit diff |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, batch, new in (

@@ -127,7 +127,8 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
             )[ok].double()
             if k <= stored:
                 out[("recompute", k)] = l1_to_target(model, q, kid, kp, fh, "recompute")[ok].double()
-                # prototype: lse stored (4 B/token) instead of fitted: that of the stored final_hidden's logits
+                # prototype: lse stored (4 B/token) instead of fitted: that of the stored
+                # final_hidden's logits
                 out[("recompute+lse", k)] = l1_with_stored_topk(q, p_st_in, pos, inside, kp)[ok].double()
     return out
 
@@ -253,8 +254,8 @@ def print_table(title: str, rows: list[dict], values: dict) -> None:
     )
     for r in rows:  # k "-": the estimator reads no top-k
         print(
-            f"{r['estimator']:<14} {r['k'] or '-':>4} {r['bytes']:>8} {r['mean_err']:>+9.4f} {r['mean_abs']:>10.4f} "
-            f"{r['p95_abs']:>9.4f} {r['max_abs']:>9.4f} {r['accept_err']:>+10.4f}"
+            f"{r['estimator']:<14} {r['k'] or '-':>4} {r['bytes']:>8} {r['mean_err']:>+9.4f} "
+            f"{r['mean_abs']:>10.4f} {r['p95_abs']:>9.4f} {r['max_abs']:>9.4f} {r['accept_err']:>+10.4f}"
         )
 
 
@@ -304,9 +305,9 @@ def main(argv=None) -> int:
     reference = target_reference(params, store) if args.reference == "target" else None
     print(
         f"store {store.path}: top-{store.manifest.top_k}, H={H}, V={store.manifest.target.vocab_size}, "
-        f"final_hidden {store.manifest.dtypes.final_hidden}; {len(val_idx)} held-out samples, {tc.num_anchors} "
-        f"anchors each; {where}; exact L1 from the {args.reference} final_hidden (fp32 softmax); torch threads "
-        f"{torch.get_num_threads()}"
+        f"final_hidden {store.manifest.dtypes.final_hidden}; {len(val_idx)} held-out samples, "
+        f"{tc.num_anchors} anchors each; {where}; exact L1 from the {args.reference} final_hidden "
+        f"(fp32 softmax); torch threads {torch.get_num_threads()}"
     )
 
     for name, model in drafters:
@@ -319,11 +320,13 @@ def main(argv=None) -> int:
         timing = time_modes(model, batch, anchors, keep, tc, args.repeat)
         base_l1, base_obj = timing["topk"]
         print(
-            f"\n{'l1_mode':<10} {'L1 fwd+bwd ms/block':>20} {'ratio':>6} {'objective fwd+bwd ms/block':>27} {'ratio':>6}"
+            f"\n{'l1_mode':<10} {'L1 fwd+bwd ms/block':>20} {'ratio':>6} "
+            f"{'objective fwd+bwd ms/block':>27} {'ratio':>6}"
         )
         for mode, (t_l1, t_obj) in timing.items():
             print(
-                f"{mode:<10} {1e3 * t_l1:>20.3f} {t_l1 / base_l1:>6.2f} {1e3 * t_obj:>27.3f} {t_obj / base_obj:>6.2f}"
+                f"{mode:<10} {1e3 * t_l1:>20.3f} {t_l1 / base_l1:>6.2f} "
+                f"{1e3 * t_obj:>27.3f} {t_obj / base_obj:>6.2f}"
             )
     return 0
 

@@ -276,7 +276,10 @@ def table(rows: list[Row], compressor: str, level: int) -> str:
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
         ),
         "",
-        "| width | workers | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s | on disk / logical |",
+        (
+            "| width | workers | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s "
+            "| on disk / logical |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     body = [

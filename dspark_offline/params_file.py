@@ -30,7 +30,8 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1}; YAML would keep only the last value: remove one)",
+                f"duplicate key {key!r} (first at line {seen[key] + 1}; "
+                "YAML would keep only the last value: remove one)",
                 key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line

@@ -432,7 +432,7 @@ def test_train_output_dir_is_a_regular_file(dspark, store, tmp_path):
 
 def test_evaluate_output_is_a_directory(dspark, tmp_path, monkeypatch):
     (tmp_path / "eval.json").mkdir()
-    import dspark_offline.evaluate.runner as runner
+    from dspark_offline.evaluate import runner
 
     monkeypatch.setattr(runner, "load_target", lambda *a: pytest.fail("loaded the target"))
     refused(
@@ -469,7 +469,7 @@ def test_read_only_output_is_refused_before_any_work(
     stage, dspark, tmp_path, monkeypatch, trained, store, tiny_llama_dir, prepared_dump
 ):
     ro = tmp_path / "ro"
-    import dspark_offline.evaluate.runner as runner
+    from dspark_offline.evaluate import runner
 
     monkeypatch.setattr(runner, "load_target", lambda *a: pytest.fail("evaluate loaded the target"))
     args = {

@@ -1,7 +1,8 @@
 """Data-parallel normalisation (DESIGN §4 item 9): 1 process with batch 2b == 2 processes with b.
 
-Each of two gloo processes computes the loss on its half of the batch (`train.step.pooled_loss`); averaging their
-gradients (what DeepSpeed does) must equal the single-process gradient of the whole batch.
+Each of two gloo processes computes the loss on its half of the batch (`train.step.pooled_loss`);
+averaging their gradients (what DeepSpeed does) must equal the single-process gradient of the whole
+batch.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ def load_drafter(drafter_dir: str | Path, target: nn.Module) -> ServingDrafter:
     drafter_dir = Path(drafter_dir)
     if not (drafter_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(
-            f"drafter {drafter_dir}: no config.json (set evaluate.drafter or run `dspark-offline export` first)"
+            f"drafter {drafter_dir}: no config.json "
+            "(set evaluate.drafter or run `dspark-offline export` first)"
         )
     try:
         conf = json.loads((drafter_dir / CONFIG_FILE).read_text())

@@ -171,7 +171,8 @@ def format_summary(metrics: dict) -> list[str]:
     for name in (PROMPT_LOOKUP, COMPARE):
         if f"tau_{name}" in metrics:
             lines.append(
-                f"{LABELS[name]:<14} tau {_fmt(metrics[f'tau_{name}'])} {_fmt_ci(metrics[f'tau_{name}_ci95'])}"
+                f"{LABELS[name]:<14} tau {_fmt(metrics[f'tau_{name}'])} "
+                f"{_fmt_ci(metrics[f'tau_{name}_ci95'])}"
             )
     for name in (PROMPT_LOOKUP, COMPARE):
         if f"tau_vs_{name}" in metrics:

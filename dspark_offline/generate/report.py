@@ -101,8 +101,8 @@ class GenerateTally:
         d = self.to_dict()
         g, stops = d["generated_length"], d["stop_reasons"]
         return (
-            f"{d['samples']} samples, {d['prompt_tokens']} prompt + {d['generated_tokens']} generated tokens; "
-            f"answer length mean {g['mean']} median {g['median']} p90 {g['p90']} max {g['max']}; "
+            f"{d['samples']} samples, {d['prompt_tokens']} prompt + {d['generated_tokens']} generated "
+            f"tokens; answer length mean {g['mean']} median {g['median']} p90 {g['p90']} max {g['max']}; "
             f"stops: "
             + ", ".join(f"{k} {v}" for k, v in stops.items())
             + f"; {d['truncated']} truncated, {self.num_skipped} prompts skipped"

@@ -242,14 +242,14 @@ def run(params: Params) -> Path:
             results[k] = saved
     pending = [k for k in range(len(planned)) if k not in results]
     _say(
-        f"target {engine.path}: {engine.describe}; stop ids {sorted(stops.eos)} + extra {sorted(stops.extra)}; "
-        f"T={cfg.temperature} top_p={cfg.top_p} max_new_tokens={cfg.max_new_tokens} "
-        f"(prompt + answer <= prepare.max_length={max_length})"
+        f"target {engine.path}: {engine.describe}; stop ids {sorted(stops.eos)} "
+        f"+ extra {sorted(stops.extra)}; T={cfg.temperature} top_p={cfg.top_p} "
+        f"max_new_tokens={cfg.max_new_tokens} (prompt + answer <= prepare.max_length={max_length})"
     )
     _say(
-        f"{len(train)} training samples -> {len(plan.rows)} first-turn prompts ({plan.tally.num_skipped} skipped), "
-        f"{sum(len(p) for p in plan.prompts.values())} prompt tokens; {len(planned)} chunk(s) of {C}: "
-        f"{len(results)} done before, {len(pending)} to go"
+        f"{len(train)} training samples -> {len(plan.rows)} first-turn prompts "
+        f"({plan.tally.num_skipped} skipped), {sum(len(p) for p in plan.prompts.values())} prompt tokens; "
+        f"{len(planned)} chunk(s) of {C}: {len(results)} done before, {len(pending)} to go"
     )
     t0 = time.perf_counter()
     with tqdm(

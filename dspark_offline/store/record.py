@@ -212,7 +212,7 @@ def check_record(store: str | Path) -> dict:
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise StoreChangedError(
-            f"{store}: the store changed since the dump recorded it in {path} ({'; '.join(diffs[:3])}{more}); "
-            f"{fix}"
+            f"{store}: the store changed since the dump recorded it in {path} "
+            f"({'; '.join(diffs[:3])}{more}); {fix}"
         )
     return recorded

@@ -130,10 +130,11 @@ class ProcessPool:
             free = st.f_bavail * st.f_frsize
             if free < nbytes:
                 raise StoreError(
-                    f"dump.writer_workers={len(self._procs)}: {shm_dir} has {free / 2**20:.0f} MiB free but a "
-                    f"shard needs {nbytes / 2**20:.0f} MiB there (up to {self._max_slots} shards at once): "
-                    "enlarge it (docker run --shm-size=... or --ipc=host), lower dump.shard_tokens, or set "
-                    "dump.writer_workers=1 (one writer thread, no shared memory)"
+                    f"dump.writer_workers={len(self._procs)}: {shm_dir} has {free / 2**20:.0f} MiB free "
+                    f"but a shard needs {nbytes / 2**20:.0f} MiB there "
+                    f"(up to {self._max_slots} shards at once): enlarge it (docker run --shm-size=... or "
+                    "--ipc=host), lower dump.shard_tokens, or set dump.writer_workers=1 "
+                    "(one writer thread, no shared memory)"
                 )
         return shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
 

@@ -166,8 +166,9 @@ def open_store_for_write(
         elif set(root.keys()) - {"target"}:
             if not overwrite:
                 raise StoreError(
-                    f"{path}: exists but is not a dspark-offline feature store (members {sorted(root.keys())}, "
-                    f"no '{MANIFEST_ATTR}' root attribute); set dump.overwrite=true to replace it"
+                    f"{path}: exists but is not a dspark-offline feature store "
+                    f"(members {sorted(root.keys())}, no '{MANIFEST_ATTR}' root attribute); "
+                    "set dump.overwrite=true to replace it"
                 )
             recreate = True
     if recreate:

@@ -115,6 +115,7 @@ def load(engine: Any, checkpoint: str | Path) -> dict:
     saved = (client_state or {}).get("dspark_meta", {})
     if saved.get("step") != meta.get("step"):
         raise CheckpointError(
-            f"{checkpoint}: meta.json says step {meta.get('step')} but the DeepSpeed state says {saved.get('step')}"
+            f"{checkpoint}: meta.json says step {meta.get('step')} "
+            f"but the DeepSpeed state says {saved.get('step')}"
         )
     return meta

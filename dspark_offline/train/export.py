@@ -86,8 +86,9 @@ def check_export_dir(params: Params) -> None:
         if present:
             shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             raise OutputPathError(
-                f"export.output={str(out)!r} is not empty ({shown}); pass --overwrite (export.overwrite=true) "
-                "to replace the drafter files there, or choose another directory"
+                f"export.output={str(out)!r} is not empty ({shown}); "
+                "pass --overwrite (export.overwrite=true) to replace the drafter files there, "
+                "or choose another directory"
             )
 
 
@@ -112,7 +113,8 @@ def run(params: Params) -> dict:
     missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
     if missing or unexpected:
         raise ckpt_io.CheckpointError(
-            f"{checkpoint}: weights do not fit the drafter in meta.json: missing {missing}, unexpected {unexpected}"
+            f"{checkpoint}: weights do not fit the drafter in meta.json: "
+            f"missing {missing}, unexpected {unexpected}"
         )
     dtype = torch.bfloat16 if meta.get("dtype") == "bfloat16" else torch.float32
     out = save_serving(model, params.export.output, dtype=dtype)

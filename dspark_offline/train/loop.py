@@ -177,7 +177,8 @@ def run(params: Params) -> dict:
         val_sink.log(at, val_values)
         _say(
             f"validation at step {at}: loss {val_values['loss']:.4f}, ce {val_values['ce']:.3f}, "
-            f"l1 {val_values['l1']:.3f}, conf {val_values['conf']:.3f} (skill {val_values['conf_skill']:.3f}), "
+            f"l1 {val_values['l1']:.3f}, conf {val_values['conf']:.3f} "
+            f"(skill {val_values['conf_skill']:.3f}), "
             f"tau {val_values['tau_probabilistic']:.3f} ({len(validator)} samples, "
             f"{val_values['seconds']:.1f} s)",
             info.is_main,

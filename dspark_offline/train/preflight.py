@@ -67,9 +67,10 @@ def check_output_dir_for_run(params: Params) -> Path | None:
         existing = checkpoint.list_checkpoints(out)
         if existing:
             raise checkpoint.CheckpointError(
-                f"train.output_dir={str(out)!r} holds {len(existing)} checkpoint(s) of an earlier run (latest "
-                f"{existing[-1].name}); pass --resume (train.resume=true) to continue it, --overwrite "
-                "(train.overwrite=true) to delete them and start afresh, or choose another train.output_dir"
+                f"train.output_dir={str(out)!r} holds {len(existing)} checkpoint(s) of an earlier run "
+                f"(latest {existing[-1].name}); pass --resume (train.resume=true) to continue it, "
+                "--overwrite (train.overwrite=true) to delete them and start afresh, "
+                "or choose another train.output_dir"
             )
     return resume_from
 
@@ -84,9 +85,10 @@ def open_training_store(params: Params, say) -> FeatureStore:
         samples = f"{len(store)} of the {store.manifest.data.num_samples} samples"
         if not params.train.allow_partial_store:
             raise IncompleteStoreError(
-                f"{path}: {len(incomplete)} of {total} parts missing or unfinished ({', '.join(incomplete)}); "
-                f"finish the dump (re-run it: it resumes), or pass --allow-partial-store "
-                f"(train.allow_partial_store=true) to train on the complete parts only ({samples})"
+                f"{path}: {len(incomplete)} of {total} parts missing or unfinished "
+                f"({', '.join(incomplete)}); finish the dump (re-run it: it resumes), "
+                "or pass --allow-partial-store (train.allow_partial_store=true) "
+                f"to train on the complete parts only ({samples})"
             )
         say(
             f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
@@ -117,8 +119,8 @@ def check_store(store: FeatureStore, params: Params, resume_meta: dict | None = 
     _probe_first_sample(store, need_final_hidden=needs_final_hidden(mode))
     if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
         raise StoreMismatchError(
-            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
-            f"resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
+            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint "
+            f"being resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
         )
 
 
@@ -153,9 +155,10 @@ def check_usable(num_usable: int, num_store: int, params: Params, world_size: in
     need = tc.val_samples + tc.micro_batch_size * tc.grad_accum * world_size
     if num_usable < num_store and num_usable < need:
         raise SampleFilterError(
-            f"only {num_usable} of the {num_store} store samples have train.min_loss_tokens={tc.min_loss_tokens} "
-            f"supervised tokens within train.max_length={tc.max_length}; {need} are needed (train.val_samples="
-            f"{tc.val_samples} + one global batch): raise train.max_length or lower train.min_loss_tokens"
+            f"only {num_usable} of the {num_store} store samples have "
+            f"train.min_loss_tokens={tc.min_loss_tokens} supervised tokens within "
+            f"train.max_length={tc.max_length}; {need} are needed (train.val_samples={tc.val_samples} "
+            "+ one global batch): raise train.max_length or lower train.min_loss_tokens"
         )
 
 
@@ -220,5 +223,8 @@ def check_target_weights(store: FeatureStore, params: Params) -> str:
             "(export and evaluate check them)"
         )
     if now != recorded:
-        return f"target weights changed since the dump ({recorded} -> {now}), accepted: target.allow_changed_weights"
+        return (
+            f"target weights changed since the dump ({recorded} -> {now}), "
+            "accepted: target.allow_changed_weights"
+        )
     return f"target weights unchanged since the dump (weights_hash {now})"
