@@ -171,6 +171,8 @@ def test_cuda_requested_without_cuda_is_one_line_exit_2(capsys):
         bench.main(["--tiny"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --device cuda: torch sees no CUDA device here; "
-        "for the CPU check use --shape tiny --device cpu"
+        (
+            "error: --device cuda: torch sees no CUDA device here; "
+            "for the CPU check use --shape tiny --device cpu"
+        )
     ]

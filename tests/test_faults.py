@@ -414,7 +414,7 @@ def test_dump_onto_a_regular_file(dspark, tiny_llama_dir, prepared_dump, tmp_pat
 
 
 def test_export_onto_a_regular_file(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
+    _, params = copy_run(trained, tmp_path)
     (tmp_path / "file").write_text("mine")
     refused(
         dspark("export", "-p", params, "--output", tmp_path / "file"), "export.output=", "is an existing file"
@@ -443,7 +443,7 @@ def test_evaluate_output_is_a_directory(dspark, tmp_path, monkeypatch):
 
 
 def test_export_refuses_a_non_empty_directory_without_overwrite(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
+    _, params = copy_run(trained, tmp_path)
     drafter = tmp_path / "mine"
     drafter.mkdir()
     (drafter / "config.json").write_text('{"mine": true}')
@@ -632,7 +632,7 @@ def test_evaluate_with_fewer_prompts_than_asked_says_so_prominently(
 
 
 def test_resume_after_changing_the_drafter_architecture(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
+    _, params = copy_run(trained, tmp_path)
     line = refused(
         dspark(
             "train",

@@ -37,9 +37,14 @@ def test_sigkill_then_resume_equals_uninterrupted(chatty_llama_dir, tmp_path, te
     tok = AutoTokenizer.from_pretrained(chatty_llama_dir)
     train = [_sample(tok, f"{q} ({k})") for k in range(3) for q in QUESTIONS]  # 21 prompts
     prepared = make_prepared(tmp_path / "prep", tok, train)
-    settings = dict(
-        max_new_tokens=8, batch_size=2, chunk_samples=4, temperature=temperature, top_p=0.9, seed=7
-    )
+    settings = {
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "chunk_samples": 4,
+        "temperature": temperature,
+        "top_p": 0.9,
+        "seed": 7,
+    }
     full = run(gen_params(chatty_llama_dir, prepared, tmp_path / "full", **settings))
 
     killed = gen_params(chatty_llama_dir, prepared, tmp_path / "killed", **settings)

@@ -55,13 +55,11 @@ class GenerateTally:
         if not self.num_skipped:
             return "  (no prompt skipped)"
         lines = []
-        for reason in SKIP_REASONS:
+        for reason, meaning in SKIP_REASONS.items():
             ids = self.skipped.get(reason)
             if ids:
                 more = ", ..." if len(ids) > 5 else ""
-                lines.append(
-                    f"  {reason:<24} {len(ids):>5}  sample_ids {ids[:5]}{more}  ({SKIP_REASONS[reason]})"
-                )
+                lines.append(f"  {reason:<24} {len(ids):>5}  sample_ids {ids[:5]}{more}  ({meaning})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
