@@ -31,9 +31,13 @@ import torch.nn.functional as F
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("-p", "--params", action="append", default=None, help="Params file(s); default params.yaml.")
+    p.add_argument(
+        "-p", "--params", action="append", default=None, help="Params file(s); default params.yaml."
+    )
     p.add_argument("--drafter", default=None, help="Exported drafter; default export.output.")
-    p.add_argument("--fit-samples", type=int, default=96, help="Training samples whose examples fit the head.")
+    p.add_argument(
+        "--fit-samples", type=int, default=96, help="Training samples whose examples fit the head."
+    )
     p.add_argument("--steps", type=int, default=2000, help="Adam steps of each re-fit.")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the re-fits.")
     p.add_argument("--batch", type=int, default=512, help="Examples per re-fit step.")
@@ -57,8 +61,11 @@ def collect(model, store, indices, tc, micro: int):
             blocks = block_targets(batch, anchors, keep, model.cfg.block_size, tc.gamma, tc.l1_mode)
             out = model(batch["input_ids"], batch["hidden"], anchors, keep)
         h, prev, t, w = confidence_examples(model, out.hidden, blocks, tc.l1_mode)  # [N, B, ...]
-        x = torch.cat([h, model.markov_head.prev_embedding(prev).detach()], dim=-1) \
-            if model.cfg.markov_head else h
+        x = (
+            torch.cat([h, model.markov_head.prev_embedding(prev).detach()], dim=-1)
+            if model.cfg.markov_head
+            else h
+        )
         ok = w > 0
         feats.append(x[ok].float())
         targets.append(t[ok])
@@ -81,8 +88,9 @@ def refit(proj: torch.nn.Linear, x, t, w, steps: int, lr: float, batch: int, see
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(0, len(x), (batch,), generator=g)
-        loss = (F.binary_cross_entropy_with_logits(proj(x[i]).squeeze(-1), t[i], reduction="none") * w[i]).sum() \
-            / w[i].sum()
+        loss = (
+            F.binary_cross_entropy_with_logits(proj(x[i]).squeeze(-1), t[i], reduction="none") * w[i]
+        ).sum() / w[i].sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -108,13 +116,16 @@ def main(argv=None) -> int:
     if model.confidence_head is None:
         print("the drafter has no confidence head", file=sys.stderr)
         return 2
-    train_idx, val_idx = split_validation(select_samples(store, tc.max_length, tc.min_loss_tokens, progress=False),
-                                          tc.val_samples, tc.seed)
+    train_idx, val_idx = split_validation(
+        select_samples(store, tc.max_length, tc.min_loss_tokens, progress=False), tc.val_samples, tc.seed
+    )
     t0 = time.perf_counter()
     xf, tf, wf = collect(model, store, train_idx[: args.fit_samples], tc, tc.micro_batch_size)
     xv, tv, wv = collect(model, store, val_idx, tc, tc.micro_batch_size)
-    print(f"examples: {len(xf)} from {min(args.fit_samples, len(train_idx))} training samples (fit), "
-          f"{len(xv)} from {len(val_idx)} held-out samples (scored); {time.perf_counter() - t0:.0f} s")
+    print(
+        f"examples: {len(xf)} from {min(args.fit_samples, len(train_idx))} training samples (fit), "
+        f"{len(xv)} from {len(val_idx)} held-out samples (scored); {time.perf_counter() - t0:.0f} s"
+    )
 
     trained = model.confidence_head.proj
     rows = []

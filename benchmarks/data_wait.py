@@ -48,7 +48,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-CONFIGS = {  # name: (hidden, layers, top_k, samples, min len, max len, micro, loader workers, step s, cache GiB)
+# name: (hidden, layers, top_k, samples, min len, max len, micro, loader workers, step s, cache GiB)
+CONFIGS = {
     "smollm2": (576, 5, 64, 256, 32, 350, 2, 0, 0.42, 4.0),
     "qwen3-8b": (4096, 5, 64, 48, 256, 2048, 1, 2, 0.10, 0.0),
     "tiny": (64, 2, 8, 24, 16, 96, 2, 2, 0.01, 0.0),  # --quick
@@ -91,7 +92,13 @@ def _writer_bench():
 
 
 def make_store(
-    path: Path, hidden: int, layers: int, top_k: int, lengths: np.ndarray, seed: int = 0, chunk_tokens: int = 256
+    path: Path,
+    hidden: int,
+    layers: int,
+    top_k: int,
+    lengths: np.ndarray,
+    seed: int = 0,
+    chunk_tokens: int = 256,
 ) -> str:
     """A complete store of random bf16 features, written through the dump's writer."""
     from dspark_offline.store.background import BackgroundWriter
@@ -102,8 +109,18 @@ def make_store(
     shard_tokens = max(4096, int(lengths.max()))
     shard_tokens = -(-shard_tokens // 256) * 256
     m = _writer_bench()._manifest(hidden, layers, top_k, shard_tokens, "zstd", 1)
-    m = m.model_copy(update={"chunk_tokens": chunk_tokens, "data": m.data.model_copy(update={
-        "num_samples": len(lengths), "num_tokens": int(lengths.sum()), "max_length": int(lengths.max())})})
+    m = m.model_copy(
+        update={
+            "chunk_tokens": chunk_tokens,
+            "data": m.data.model_copy(
+                update={
+                    "num_samples": len(lengths),
+                    "num_tokens": int(lengths.sum()),
+                    "max_length": int(lengths.max()),
+                }
+            ),
+        }
+    )
     from dspark_offline.store.manifest import fingerprint_fields, params_fingerprint
 
     m = m.model_copy(update={"params_fingerprint": params_fingerprint(fingerprint_fields(m))})
@@ -128,7 +145,11 @@ def make_store(
                 elif name == "topk_probs":
                     a[...] = torch.rand(a.shape, generator=g).sort(-1, descending=True).values.half().numpy()
                 else:  # bf16 states as their bits
-                    bits = torch.randn((width, *specs[name][1]), generator=g).to(torch.bfloat16).view(torch.int16)
+                    bits = (
+                        torch.randn((width, *specs[name][1]), generator=g)
+                        .to(torch.bfloat16)
+                        .view(torch.int16)
+                    )
                     a[...] = bits.numpy().view(a.dtype)
             w.submit(state, shard, bufs)
     return str(path)
@@ -156,10 +177,18 @@ def loader(store_path: str, micro: int, workers: int, cache_gb: float):
 
     store = open_store(store_path)
     indices = np.arange(len(store), dtype=np.int64)
-    sampler = ResumableSampler(len(indices), micro_batch_size=micro, grad_accum=1, world_size=1, rank=0, seed=0)
+    sampler = ResumableSampler(
+        len(indices), micro_batch_size=micro, grad_accum=1, world_size=1, rank=0, seed=0
+    )
     dataset = FeatureDataset(store, indices, None, int(cache_gb * 2**30))
-    data = DataLoader(dataset, batch_size=micro, sampler=sampler, collate_fn=collate, num_workers=workers,
-                      persistent_workers=workers > 0)
+    data = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     return iter(data), len(indices) // micro
 
 
@@ -225,11 +254,16 @@ def run(args) -> list[Result]:
             step_s = step_s if args.step_s is None else args.step_s
             lengths = np.random.default_rng(1).integers(lo, hi + 1, samples)
             t0 = time.perf_counter()
-            path = make_store(base / f"{name}.zarr", hidden, layers, top_k, lengths, chunk_tokens=args.chunk_tokens)
+            path = make_store(
+                base / f"{name}.zarr", hidden, layers, top_k, lengths, chunk_tokens=args.chunk_tokens
+            )
             size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-            print(f"# {name}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
-                  f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
-                  f"workers, step {step_s} s, cache {cache_gb} GiB, chunk {args.chunk_tokens} tokens", flush=True)
+            print(
+                f"# {name}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
+                f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
+                f"workers, step {step_s} s, cache {cache_gb} GiB, chunk {args.chunk_tokens} tokens",
+                flush=True,
+            )
             variants = [(name, None)]
             if workers > 0 and not args.quick:  # side by side: collate copying the batch to shared memory
                 variants.append((f"{name} (copying collate)", _copying_batch_tensor))
@@ -239,12 +273,19 @@ def run(args) -> list[Result]:
                     epochs, cpu_per_batch = drive(path, micro, workers, step_s, cache_gb, args.epochs)
                 for e, (wait, total, steps) in enumerate(epochs):
                     r = Result(label, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
-                    print(f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time ({wait:.2f} of "
-                          f"{total:.1f} s, {steps} steps); loader CPU {cpu_per_batch * 1e3:.0f} ms/batch", flush=True)
+                    print(
+                        f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time "
+                        f"({wait:.2f} of {total:.1f} s, {steps} steps); "
+                        f"loader CPU {cpu_per_batch * 1e3:.0f} ms/batch",
+                        flush=True,
+                    )
                     out.append(r)
             if len(variants) > 1:
                 a, b = out[-1].cpu_per_batch_s, out[-1 - len(epochs)].cpu_per_batch_s
-                print(f"  loader CPU per batch, copying collate / shared-memory collate: {a / b:.2f}x", flush=True)
+                print(
+                    f"  loader CPU per batch, copying collate / shared-memory collate: {a / b:.2f}x",
+                    flush=True,
+                )
             shutil.rmtree(path)
     finally:
         if not args.dir:
@@ -269,8 +310,8 @@ def table(results: list[Result]) -> str:
         # a worker keeps up when its CPU per batch fits in (workers x step); 2 % slack for the rest
         need = max(1, -(-int(r.cpu_per_batch_s * 1e6) // int(r.step_s * 0.98 * 1e6))) if r.step_s else "-"
         lines.append(
-            f"| {r.config} | {r.epoch} | {r.workers} | {r.step_s:.2f} | {r.steps} | {r.wait_s:.2f} | {r.total_s:.1f} "
-            f"| {r.wait_s / r.total_s:.2%} | {r.cpu_per_batch_s * 1e3:.0f} | {need} |"
+            f"| {r.config} | {r.epoch} | {r.workers} | {r.step_s:.2f} | {r.steps} | {r.wait_s:.2f} "
+            f"| {r.total_s:.1f} | {r.wait_s / r.total_s:.2%} | {r.cpu_per_batch_s * 1e3:.0f} | {need} |"
         )
     return "\n".join(lines)
 

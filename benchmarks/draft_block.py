@@ -7,8 +7,8 @@ per block instead of B times (on CPU, reading weights dominates a draft round). 
 Markov biases are computed as a fixed-point iteration over the whole block: each iteration is
 one ``[B, r] x [r, V]`` matmul for the guessed previous tokens of all slots, the guesses are
 re-derived from the resulting tokens, and the iteration ends when they reproduce themselves
-(at most B iterations; the drafted tokens do not depend on the guesses). This script times the per-slot version
-(the code before the change, kept below as the reference) against the library's
+(at most B iterations; the drafted tokens do not depend on the guesses). This script times the
+per-slot version (the code before the change, kept below as the reference) against the library's
 ``draft_block`` on the same contexts, side by side in one run, and checks that both draft the
 same tokens (greedy) and distributions (T > 0, same seed).
 
@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def draft_block_per_slot(
     model, ctx, ctx_positions, last_token: int, start: int, temperature=0.0, generator=None
 ):
-    """The reference: `draft_block` as it was, lm_head and Markov bias per slot. -> (tokens [B], probs [B, V])."""
+    """The reference: `draft_block` as it was, lm_head and Markov bias per slot.
+
+    -> (tokens [B], probs [B, V])."""
     from dspark_offline.model.attention_mask import block_attention_mask
 
     b, dev = model.cfg.block_size, ctx.device
@@ -182,8 +184,8 @@ def main(argv=None) -> None:
     starts = [len(ids) - 1 - (k % (len(ids) // 2)) for k in range(args.blocks)]
     print(
         f"drafter {source}: H={cfg.hidden_size}, V={cfg.vocab_size}, B={cfg.block_size}, "
-        f"markov={cfg.markov_head}, layers={cfg.num_layers}; prompt {len(ids)} tokens, {len(starts)} blocks per pass, "
-        f"torch threads {torch.get_num_threads()}"
+        f"markov={cfg.markov_head}, layers={cfg.num_layers}; prompt {len(ids)} tokens, "
+        f"{len(starts)} blocks per pass, torch threads {torch.get_num_threads()}"
     )
     greedy, sampled = (
         compare(model, ctx, ids, starts[:8]),
@@ -194,8 +196,8 @@ def main(argv=None) -> None:
 
     if cfg.markov_head:
         print(
-            f"Markov biases: {bias_calls_per_block(model, ctx, ids, starts):.2f} batched matmuls per greedy block "
-            f"(per slot: {cfg.block_size})"
+            f"Markov biases: {bias_calls_per_block(model, ctx, ids, starts):.2f} batched matmuls "
+            f"per greedy block (per slot: {cfg.block_size})"
         )
     pos = torch.arange(ctx.shape[1])
     old = lambda a: draft_block_per_slot(model, ctx, pos, ids[a], a)

@@ -81,7 +81,10 @@ def ensure_prepared(params) -> None:
 
     try:
         split = PreparedSplit.load(params.prepare.output, "train")
-        if len(split) == params.prepare.num_samples and split.meta.get("max_length") == params.prepare.max_length:
+        if (
+            len(split) == params.prepare.num_samples
+            and split.meta.get("max_length") == params.prepare.max_length
+        ):
             return
     except PreparedDataError:  # missing or partial: (re)create it
         pass
@@ -151,10 +154,17 @@ def interleaved(params, batches: list, repeats: int) -> tuple[float, float]:
 
     cfg = params.dump
     path = resolve_target_path(params.target.path, params.target.cache_dir)
-    layer_ids = resolve_layer_ids(cfg.layer_ids, AutoConfig.from_pretrained(path).num_hidden_layers, cfg.num_layer_ids)
+    layer_ids = resolve_layer_ids(
+        cfg.layer_ids, AutoConfig.from_pretrained(path).num_hidden_layers, cfg.num_layer_ids
+    )
     target = HFTarget(
-        params.target.path, layer_ids=layer_ids, top_k=cfg.top_k, store_final_hidden=params.dump_final_hidden(),
-        dtype=params.target.dtype, device=params.target.device, cache_dir=params.target.cache_dir,
+        params.target.path,
+        layer_ids=layer_ids,
+        top_k=cfg.top_k,
+        store_final_hidden=params.dump_final_hidden(),
+        dtype=params.target.dtype,
+        device=params.target.device,
+        cache_dir=params.target.cache_dir,
     )
     ours = bare = 0.0
     for ids, mask in batches:
@@ -165,7 +175,9 @@ def interleaved(params, batches: list, repeats: int) -> tuple[float, float]:
             best_ours = min(best_ours, time.perf_counter() - t)
             t = time.perf_counter()
             with torch.inference_mode():
-                target.model(input_ids=ids.to(target.device), attention_mask=mask.to(target.device)).logits.cpu()
+                target.model(
+                    input_ids=ids.to(target.device), attention_mask=mask.to(target.device)
+                ).logits.cpu()
             best_bare = min(best_bare, time.perf_counter() - t)
         ours, bare = ours + best_ours, bare + best_bare
     return ours, bare
@@ -203,12 +215,16 @@ def main() -> None:
     print(f"[bench] samples {args.num_samples}, max_length {args.max_length}, tokens {tokens}")
     print(f"[bench] dump total            {dump_wall:8.2f} s")
     print(f"[bench] bare load + forward   {bare_load + bare_fwd:8.2f} s  ({bare_load:.2f} + {bare_fwd:.2f})")
-    print(f"[bench] dump / bare                    = {dump_wall / (bare_load + bare_fwd):.3f}  (target <= 1.10)")
+    print(
+        f"[bench] dump / bare                    = {dump_wall / (bare_load + bare_fwd):.3f}  (target <= 1.10)"
+    )
     print(f"[bench] target.forward / bare forward  = {dump_fwd / bare_fwd:.3f}")
     if not args.no_interleaved:
         ours, bare = interleaved(params, batches, args.repeats)
-        print(f"[bench] interleaved per batch: target.forward {ours:.2f}s vs model(...) {bare:.2f}s "
-              f"= {ours / bare:.3f}")
+        print(
+            f"[bench] interleaved per batch: target.forward {ours:.2f}s vs model(...) {bare:.2f}s "
+            f"= {ours / bare:.3f}"
+        )
     if args.repeats > 1:
         spread = statistics.pstdev(d[0] for d in dumps) / statistics.mean(d[0] for d in dumps)
         print(f"[bench] dump wall spread across rounds: {100 * spread:.1f}% (shared machine noise)")

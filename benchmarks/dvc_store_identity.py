@@ -40,7 +40,9 @@ RECORD_OUT = "${dump.store}.complete.json"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("--samples", type=int, default=120, help="Samples of the synthetic store (more = more shards).")
+    p.add_argument(
+        "--samples", type=int, default=120, help="Samples of the synthetic store (more = more shards)."
+    )
     p.add_argument("--shard-mib", type=int, default=32, help="Hole added to every shard, MiB.")
     p.add_argument("--workdir", default=None, help="Where the scratch repos go (default: a temporary dir).")
     return p.parse_args(argv)
@@ -67,8 +69,11 @@ def make_repo(where: Path, dvc_yaml: str) -> Path:
     (repo / "dvc.yaml").write_text(dvc_yaml)
     shutil.copy(ROOT / "configs" / "tiny.yaml", repo / "params.yaml")
     (repo / ".gitignore").write_text("/data/\n/runs/\n")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=b", "-c", "user.email=b@localhost", "commit", "-qm", "bench"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=b", "-c", "user.email=b@localhost", "commit", "-qm", "bench"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for d in (params["prepare"]["output"], params["generate"]["output"]):  # the dump stage's data deps
@@ -95,7 +100,10 @@ def main(argv=None) -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dvc-store-identity-"))
     text = (ROOT / "dvc.yaml").read_text()
-    repos = {"before (store)": make_repo(work / "before", old_dvc_yaml(text)), "now (record)": make_repo(work / "now", text)}
+    repos = {
+        "before (store)": make_repo(work / "before", old_dvc_yaml(text)),
+        "now (record)": make_repo(work / "now", text),
+    }
     rows: dict[str, dict[str, float]] = {}
     for label, repo in repos.items():
         store_rel = yaml.safe_load((repo / "params.yaml").read_text())["dump"]["store"]
@@ -115,8 +123,10 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             check_record(store)
             row["train stage: check_record"] = time.perf_counter() - t0
-    print(f"store: {shards} shards, {apparent / 2**30:.1f} GiB apparent ({args.shard_mib} MiB hole per shard), "
-          f"2 parts; scratch repos in {work}")
+    print(
+        f"store: {shards} shards, {apparent / 2**30:.1f} GiB apparent ({args.shard_mib} MiB hole per shard), "
+        f"2 parts; scratch repos in {work}"
+    )
     before, after = rows["before (store)"], rows["now (record)"]
     print(f"{'':42s} {'before s':>9s} {'now s':>9s} {'before/now':>10s}")
     for name in after:

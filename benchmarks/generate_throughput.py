@@ -32,15 +32,21 @@ import time
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("--prepared", default="data/prepared", help="Prepared-data directory (train split is used).")
+    p.add_argument(
+        "--prepared", default="data/prepared", help="Prepared-data directory (train split is used)."
+    )
     p.add_argument("--target", default="embedded:smollm2", help="Target path or 'embedded:smollm2'.")
     p.add_argument("--num-prompts", type=int, default=64, help="First-turn prompts to answer.")
     p.add_argument("--max-new-tokens", type=int, default=128, help="Answer tokens per prompt at most.")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help="Batch sizes to compare.")
     p.add_argument("--skip-hf", action="store_true", help="Only time our decode.")
-    p.add_argument("--check-single", type=int, default=0,
-                   help="Also decode this many prompts one at a time (evaluate's target_decode) and count "
-                        "those whose tokens differ from the batched decode of the first batch size.")
+    p.add_argument(
+        "--check-single",
+        type=int,
+        default=0,
+        help="Also decode this many prompts one at a time (evaluate's target_decode) and count "
+        "those whose tokens differ from the batched decode of the first batch size.",
+    )
     return p.parse_args()
 
 
@@ -71,8 +77,11 @@ def main() -> None:
     prompts.sort(key=len, reverse=True)
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else min(stops))
     lens = [len(p) for p in prompts]
-    print(f"{len(prompts)} prompts, {sum(lens)} prompt tokens (median {int(np.median(lens))}, max {max(lens)}); "
-          f"max_new_tokens {args.max_new_tokens}; threads {torch.get_num_threads()}; stop ids {sorted(stops)}")
+    print(
+        f"{len(prompts)} prompts, {sum(lens)} prompt tokens "
+        f"(median {int(np.median(lens))}, max {max(lens)}); max_new_tokens {args.max_new_tokens}; "
+        f"threads {torch.get_num_threads()}; stop ids {sorted(stops)}"
+    )
 
     def ours(batch):
         return decode_batch(model, batch, [args.max_new_tokens] * len(batch), stops, pad)
@@ -84,8 +93,14 @@ def main() -> None:
         mask = torch.zeros_like(ids)
         for b, p in enumerate(batch):
             ids[b, P - len(p) :], mask[b, P - len(p) :] = p, 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                             do_sample=False, eos_token_id=sorted(stops), pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stops),
+            pad_token_id=pad,
+        )
         res = []
         for row in out[:, P:].tolist():
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
@@ -105,12 +120,16 @@ def main() -> None:
             n = sum(len(o) for o in outs)
             results[name] = (outs, n, dt)
             first = outs if first is None else first
-            print(f"batch {bs:3d} {name:4s}: {n} useful tokens in {dt:6.1f}s wall = {n / dt:6.1f} tok/s; "
-                  f"{cpu:6.1f} CPU-s = {n / cpu:6.1f} tok per CPU-s")
+            print(
+                f"batch {bs:3d} {name:4s}: {n} useful tokens in {dt:6.1f}s wall = {n / dt:6.1f} tok/s; "
+                f"{cpu:6.1f} CPU-s = {n / cpu:6.1f} tok per CPU-s"
+            )
         if "hf" in results:
             diff = sum(a != b for a, b in zip(results["ours"][0], results["hf"][0]))
             speedup = (results["ours"][1] / results["ours"][2]) / (results["hf"][1] / results["hf"][2])
-            print(f"batch {bs:3d}: ours / hf = x{speedup:.2f} tokens/s; prompts with different outputs: {diff}")
+            print(
+                f"batch {bs:3d}: ours / hf = x{speedup:.2f} tokens/s; prompts with different outputs: {diff}"
+            )
     if args.check_single:
         t0, n = time.perf_counter(), 0
         diff = 0
@@ -119,8 +138,10 @@ def main() -> None:
             diff += ref != got
             n += len(ref)
         dt = time.perf_counter() - t0
-        print(f"one sequence at a time: {n} tokens in {dt:.1f}s = {n / dt:.1f} tok/s; "
-              f"{diff} of {args.check_single} prompts differ from batch {args.batch_sizes[0]}")
+        print(
+            f"one sequence at a time: {n} tokens in {dt:.1f}s = {n / dt:.1f} tok/s; "
+            f"{diff} of {args.check_single} prompts differ from batch {args.batch_sizes[0]}"
+        )
 
 
 if __name__ == "__main__":

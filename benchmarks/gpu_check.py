@@ -72,14 +72,30 @@ BASE_CONFIG = ROOT / "configs" / "qwen3-8b-8gpu.yaml"
 # Qwen3-8B's config.json (Qwen/Qwen3-8B on the HF hub); "tiny" keeps the architecture, shrinks the dims.
 SHAPES = {
     "qwen3-8b": {
-        "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936, "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": False,
+        "hidden_size": 4096,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 12288,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": False,
     },
     "tiny": {
-        "hidden_size": 64, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "tie_word_embeddings": False,
+        "hidden_size": 64,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "vocab_size": 512,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "tie_word_embeddings": False,
     },
 }
 # Workload per shape: samples x tokens for the dump, optimizer steps, and params overrides on top of
@@ -87,16 +103,26 @@ SHAPES = {
 WORKLOADS = {
     "qwen3-8b": {"num_samples": 64, "seq_len": 2048, "steps": 6, "overrides": {}},
     "tiny": {
-        "num_samples": 8, "seq_len": 64, "steps": 3,
+        "num_samples": 8,
+        "seq_len": 64,
+        "steps": 3,
         "overrides": {
-            "dump.batch_tokens": 256, "dump.shard_tokens": 256, "dump.chunk_tokens": 32, "dump.top_k": 16,
-            "draft.num_layers": 1, "draft.markov_rank": 16, "train.num_anchors": 16, "train.chunk_blocks": 16,
+            "dump.batch_tokens": 256,
+            "dump.shard_tokens": 256,
+            "dump.chunk_tokens": 32,
+            "dump.top_k": 16,
+            "draft.num_layers": 1,
+            "draft.markov_rank": 16,
+            "train.num_anchors": 16,
+            "train.chunk_blocks": 16,
             "train.grad_accum": 2,
         },
     },
 }
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,7 +230,9 @@ def build_target(shape: str, device: str, out: Path, warmup_tokens: int, seq_len
 
     tokenizer = build_tokenizer()
     config = Qwen3Config(
-        **SHAPES[shape], bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        **SHAPES[shape],
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -236,14 +264,23 @@ def write_prompts(out: Path, tokenizer, num_samples: int, seq_len: int) -> None:
     masks = [(np.arange(seq_len) >= seq_len // 4).astype(np.uint8) for _ in range(num_samples)]
 
     def split(items: range, first_id: int) -> SplitArrays:
-        return SplitArrays.from_samples([ids[i] for i in items], [masks[i] for i in items],
-                                        [first_id + k for k in range(len(items))], [f"s{i}" for i in items])
+        return SplitArrays.from_samples(
+            [ids[i] for i in items],
+            [masks[i] for i in items],
+            [first_id + k for k in range(len(items))],
+            [f"s{i}" for i in items],
+        )
 
     tok_hash, template_hash = tokenizer_hashes(tokenizer)
     write_prepared(
-        out, {"train": split(range(num_samples), 0), "eval": split(range(1), num_samples)},
-        {"max_length": seq_len, "tokenizer_hash": tok_hash, "chat_template_hash": template_hash,
-         "source": "synthetic (benchmarks/gpu_check.py)"},
+        out,
+        {"train": split(range(num_samples), 0), "eval": split(range(1), num_samples)},
+        {
+            "max_length": seq_len,
+            "tokenizer_hash": tok_hash,
+            "chat_template_hash": template_hash,
+            "source": "synthetic (benchmarks/gpu_check.py)",
+        },
         {"records_read": num_samples},
     )
 
@@ -279,8 +316,9 @@ def timed_dump(params) -> dict:
 
         def __exit__(self, *exc):
             out = super().__exit__(*exc)
-            rec.update(loop_s=time.perf_counter() - self._t0, writer_busy_s=self.busy_s,
-                       shards=self.shards_written)
+            rec.update(
+                loop_s=time.perf_counter() - self._t0, writer_busy_s=self.busy_s, shards=self.shards_written
+            )
             return out
 
     HFTarget.forward, dump._open_target, dump.BackgroundWriter = forward, open_target, TimedWriter
@@ -289,7 +327,11 @@ def timed_dump(params) -> dict:
         dump.run(params)
         rec["wall_s"] = time.perf_counter() - t0
     finally:
-        HFTarget.forward, dump._open_target, dump.BackgroundWriter = original_forward, original_open, BackgroundWriter
+        HFTarget.forward, dump._open_target, dump.BackgroundWriter = (
+            original_forward,
+            original_open,
+            BackgroundWriter,
+        )
     return rec
 
 
@@ -338,12 +380,22 @@ def make_params(args: argparse.Namespace, work: Path):
     from dspark_offline.config import load_params
 
     overrides = {
-        "target.path": str(work / "target"), "target.dtype": "bfloat16", "target.device": args.device,
-        "prepare.output": str(work / "prepared"), "prepare.max_length": args.seq_len,
-        "generate.enabled": False, "dump.store": str(work / "features.zarr"), "dump.backend": "hf",
-        "dump.num_parts": 1, "dump.overwrite": True, "train.output_dir": str(work / "run"),
-        "train.max_steps": args.steps, "train.val_samples": 0, "train.log_every": 1,
-        "train.save_every": args.steps, "train.overwrite": True,
+        "target.path": str(work / "target"),
+        "target.dtype": "bfloat16",
+        "target.device": args.device,
+        "prepare.output": str(work / "prepared"),
+        "prepare.max_length": args.seq_len,
+        "generate.enabled": False,
+        "dump.store": str(work / "features.zarr"),
+        "dump.backend": "hf",
+        "dump.num_parts": 1,
+        "dump.overwrite": True,
+        "train.output_dir": str(work / "run"),
+        "train.max_steps": args.steps,
+        "train.val_samples": 0,
+        "train.log_every": 1,
+        "train.save_every": args.steps,
+        "train.overwrite": True,
         "export.output": str(work / "run" / "drafter"),
         **WORKLOADS[args.shape]["overrides"],
     }
@@ -357,26 +409,41 @@ def check(args: argparse.Namespace, work: Path) -> Report:
     if args.device == "cuda" and not torch.cuda.is_available():
         from dspark_offline.errors import UserError
 
-        raise UserError("--device cuda: torch sees no CUDA device here; for the CPU check use "
-                        "--shape tiny --device cpu")
+        raise UserError(
+            "--device cuda: torch sees no CUDA device here; for the CPU check use --shape tiny --device cpu"
+        )
     os.environ["DS_ACCELERATOR"] = args.device  # before DeepSpeed picks one (dist.select_accelerator)
     params = make_params(args, work)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    rep = Report(args.out, {
-        "shape": args.shape, "target_config": SHAPES[args.shape], "device": device_name,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "cuda": torch.version.cuda},
-        "workload": {"num_samples": args.num_samples, "seq_len": args.seq_len, "steps": args.steps,
-                     "base_config": str(BASE_CONFIG.relative_to(ROOT))},
-    })
+    rep = Report(
+        args.out,
+        {
+            "shape": args.shape,
+            "target_config": SHAPES[args.shape],
+            "device": device_name,
+            "versions": {
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+            },
+            "workload": {
+                "num_samples": args.num_samples,
+                "seq_len": args.seq_len,
+                "steps": args.steps,
+                "base_config": str(BASE_CONFIG.relative_to(ROOT)),
+            },
+        },
+    )
     t_all = time.perf_counter()
     mem_unit = "GiB (CUDA peak allocated)" if args.device == "cuda" else "GiB (process peak RSS so far)"
 
     t0 = time.perf_counter()
-    n_params, tokenizer = build_target(args.shape, args.device, work / "target", params.dump.batch_tokens,
-                                       args.seq_len)
-    rep.add("target_params_b", f"target parameters (Qwen3, {args.shape}, bf16, random)", n_params / 1e9,
-            "billion")
+    n_params, tokenizer = build_target(
+        args.shape, args.device, work / "target", params.dump.batch_tokens, args.seq_len
+    )
+    rep.add(
+        "target_params_b", f"target parameters (Qwen3, {args.shape}, bf16, random)", n_params / 1e9, "billion"
+    )
     rep.add("build_s", "build + warm-up + save target", time.perf_counter() - t0, "s")
 
     write_prompts(work / "prepared", tokenizer, args.num_samples, args.seq_len)
@@ -385,7 +452,9 @@ def check(args: argparse.Namespace, work: Path) -> Report:
 
     d = timed_dump(params)
     rep.add("dump_startup_s", "dump start-up (model load)", d["startup_s"], "s")
-    rep.add("dump_loop_tok_s", "dump loop (forward, top-k, copies, Zarr writes)", tokens / d["loop_s"], "tok/s")
+    rep.add(
+        "dump_loop_tok_s", "dump loop (forward, top-k, copies, Zarr writes)", tokens / d["loop_s"], "tok/s"
+    )
     rep.add("dump_forward_tok_s", "dump HFTarget.forward only", tokens / d["forward_s"], "tok/s")
     rep.add("dump_writer_busy_s", "dump writer thread busy", d["writer_busy_s"], "s")
     rep.add("dump_wall_s", "dump whole run", d["wall_s"], "s")
@@ -396,7 +465,9 @@ def check(args: argparse.Namespace, work: Path) -> Report:
     rep.add("bare_load_s", "bare HF load", load_s, "s")
     rep.add("bare_forward_tok_s", "bare HF forward (full logits), same batches", tokens / bare_s, "tok/s")
     rep.add("dump_loop_over_bare", "dump loop time / bare forward time", d["loop_s"] / bare_s, "x")
-    rep.add("dump_forward_over_bare", "HFTarget.forward time / bare forward time", d["forward_s"] / bare_s, "x")
+    rep.add(
+        "dump_forward_over_bare", "HFTarget.forward time / bare forward time", d["forward_s"] / bare_s, "x"
+    )
 
     from dspark_offline.train.loop import run as train_run
 
@@ -406,14 +477,28 @@ def check(args: argparse.Namespace, work: Path) -> Report:
     train_wall = time.perf_counter() - t0
     steps = step_times(work / "run", summary["tokens"])
     later = steps[1:] or steps  # the first step pays one-off costs (allocations, kernel selection)
-    rep.add("drafter_params_m", "drafter trainable parameters", drafter_params(params.dump.store, params) / 1e6,
-            "million")
-    rep.add("train_global_batch", "train global batch (micro x accum x world 1)",
-            summary["plan"]["global_batch"], "samples")
+    rep.add(
+        "drafter_params_m",
+        "drafter trainable parameters",
+        drafter_params(params.dump.store, params) / 1e6,
+        "million",
+    )
+    rep.add(
+        "train_global_batch",
+        "train global batch (micro x accum x world 1)",
+        summary["plan"]["global_batch"],
+        "samples",
+    )
     rep.add("train_first_step_s", "train first step", steps[0], "s")
-    rep.add("train_step_s", f"train step, mean of steps 2-{len(steps)}" if len(steps) > 1 else "train step",
-            sum(later) / len(later), "s")
-    rep.add("train_tok_s", "train tokens/s (those steps)", summary["tokens"] * len(later) / sum(later), "tok/s")
+    rep.add(
+        "train_step_s",
+        f"train step, mean of steps 2-{len(steps)}" if len(steps) > 1 else "train step",
+        sum(later) / len(later),
+        "s",
+    )
+    rep.add(
+        "train_tok_s", "train tokens/s (those steps)", summary["tokens"] * len(later) / sum(later), "tok/s"
+    )
     rep.add("train_peak_gib", "train peak memory", peak_memory_gib(args.device), mem_unit)
     rep.add("train_wall_s", "train whole run (DeepSpeed start-up, steps, checkpoint)", train_wall, "s")
     rep.add("total_s", "whole check", time.perf_counter() - t_all, "s")
@@ -433,10 +518,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.workdir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     ctx = rep.context
-    print(f"\n[gpu_check] {ctx['device']}, torch {ctx['versions']['torch']} (CUDA {ctx['versions']['cuda']}), "
-          f"shape {args.shape}; {args.num_samples} samples x {args.seq_len} tokens, {args.steps} steps")
+    print(
+        f"\n[gpu_check] {ctx['device']}, torch {ctx['versions']['torch']} (CUDA {ctx['versions']['cuda']}), "
+        f"shape {args.shape}; {args.num_samples} samples x {args.seq_len} tokens, {args.steps} steps"
+    )
     print(markdown_table(rep.rows))
-    bad = [k for k, v in rep.values().items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+    bad = [
+        k for k, v in rep.values().items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
+    ]
     if bad:
         raise SystemExit(f"[gpu_check] not finite and positive: {bad}")
 

@@ -25,7 +25,9 @@ from transformers import DynamicCache
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("-p", "--params", action="append", default=None, help="Params file(s); default params.yaml.")
+    p.add_argument(
+        "-p", "--params", action="append", default=None, help="Params file(s); default params.yaml."
+    )
     p.add_argument("--batch", type=int, default=16, help="Rows of the decoding step (generate.batch_size).")
     p.add_argument("--context", type=int, default=512, help="Cached tokens before the timed step.")
     p.add_argument("--block", type=int, default=8, help="New tokens of the verification step (block + 1).")
@@ -48,13 +50,24 @@ def step_ms(
     mask[: batch // 2, :7] = 0  # some padding, as in a length-sorted batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = growing_cache(model) if growing else DynamicCache(config=model.config)
-    model(input_ids=ids[:, :context], attention_mask=mask[:, :context], position_ids=positions[:, :context],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=ids[:, :context],
+        attention_mask=mask[:, :context],
+        position_ids=positions[:, :context],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     times, logits = [], None
     for _ in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        logits = model(input_ids=ids[:, context:], attention_mask=mask, position_ids=positions[:, context:],
-                       past_key_values=cache, use_cache=True).logits
+        logits = model(
+            input_ids=ids[:, context:],
+            attention_mask=mask,
+            position_ids=positions[:, context:],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
         times.append(time.perf_counter() - t0)
         cache.crop(-new)  # transformers 5.x: minus the count to drop
     return min(times[1:]) * 1e3, logits.float()
@@ -65,7 +78,11 @@ def compare(model, batch: int, context: int, new: int, repeats: int) -> dict:
     difference from the stock one."""
     from dspark_offline.target.attention import ATTENTION
 
-    configs = {"stock": ("sdpa", False), "attention": (ATTENTION, False), "attention+cache": (ATTENTION, True)}
+    configs = {
+        "stock": ("sdpa", False),
+        "attention": (ATTENTION, False),
+        "attention+cache": (ATTENTION, True),
+    }
     ms = {name: [] for name in configs}
     diff = 0.0
     for _ in range(2):  # alternate so a drifting machine affects all
@@ -86,18 +103,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     target = load_target(build_params(args.params, None).target)
     cfg = target.model.config
-    print(f"target {target.path.name}: {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads; "
-          f"{torch.get_num_threads()} threads")
-    print("| step | stock (sdpa, DynamicCache) ms | our attention ms | + growing cache ms | speed-up | max logit diff |")
+    print(
+        f"target {target.path.name}: {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads; "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "| step | stock (sdpa, DynamicCache) ms | our attention ms | + growing cache ms | speed-up "
+        "| max logit diff |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, batch, new in (
         (f"decode: {args.batch} rows x 1 token", args.batch, 1),
         (f"verify: 1 row x {args.block} tokens", 1, args.block),
     ):
         m = compare(target.model, batch, args.context, new, args.repeats)
-        print(f"| {name}, {args.context} cached | {m['stock_ms']:.1f} | {m['attention_ms']:.1f} | "
-              f"{m['attention+cache_ms']:.1f} | {m['stock_ms'] / m['attention+cache_ms']:.2f}x | "
-              f"{m['max_logit_diff']:.1e} |")
+        print(
+            f"| {name}, {args.context} cached | {m['stock_ms']:.1f} | {m['attention_ms']:.1f} | "
+            f"{m['attention+cache_ms']:.1f} | {m['stock_ms'] / m['attention+cache_ms']:.2f}x | "
+            f"{m['max_logit_diff']:.1e} |"
+        )
 
 
 if __name__ == "__main__":

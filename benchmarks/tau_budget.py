@@ -33,11 +33,19 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("--params", default="params.yaml", help="Base params file (its store must exist: run dump).")
+    p.add_argument(
+        "--params", default="params.yaml", help="Base params file (its store must exist: run dump)."
+    )
     p.add_argument("--steps", default="500,1000,2000", help="Comma-separated train.max_steps budgets.")
-    p.add_argument("--variant", action="append", default=None,
-                   help='"name:section.field=value,section.field=value" (repeatable; "name:" = the base).')
-    p.add_argument("--eval-prompts", type=int, default=0, help="Held-out prompts to decode per run (0 = no decoding).")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help='"name:section.field=value,section.field=value" (repeatable; "name:" = the base).',
+    )
+    p.add_argument(
+        "--eval-prompts", type=int, default=0, help="Held-out prompts to decode per run (0 = no decoding)."
+    )
     p.add_argument("--work-dir", default="runs/tau_budget", help="Where runs and the JSON table go.")
     p.add_argument("--set", "-S", action="append", default=[], help="Override applied to every run.")
     return p.parse_args(argv)
@@ -59,8 +67,13 @@ def _cli(args: list[str], log: Path) -> float:
     """Run `dspark-offline <args>`, output to ``log``; returns wall seconds; raises on failure."""
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "dspark_offline.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+        proc = subprocess.run(
+            [sys.executable, "-m", "dspark_offline.cli", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")},
+            check=False,  # the exit status is turned into a message below
+        )
     if proc.returncode != 0:
         raise SystemExit(f"dspark-offline {' '.join(args[:1])} failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - t0
@@ -68,25 +81,48 @@ def _cli(args: list[str], log: Path) -> float:
 
 def run_one(base: str, sets: list[str], steps: int, out: Path, eval_prompts: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    common = ["-p", base, *sum((["-S", s] for s in sets), [])]
-    train_sets = ["-S", f"train.output_dir={out}", "-S", f"train.max_steps={steps}",
-                  "-S", f"export.output={out / 'drafter'}"]
+    common = ["-p", base, *(a for s in sets for a in ("-S", s))]
+    train_sets = [
+        "-S",
+        f"train.output_dir={out}",
+        "-S",
+        f"train.max_steps={steps}",
+        "-S",
+        f"export.output={out / 'drafter'}",
+    ]
     seconds = _cli(["train", *common, *train_sets], out / "train.log")
     summary = json.loads((out / "metrics.json").read_text())
     val = summary.get("val", {})
-    row = {"steps": steps, "train_s": round(seconds, 1), "tau_greedy": val.get("tau_greedy"),
-           "tau_probabilistic": val.get("tau_probabilistic"), "val_ce": val.get("ce")}
+    row = {
+        "steps": steps,
+        "train_s": round(seconds, 1),
+        "tau_greedy": val.get("tau_greedy"),
+        "tau_probabilistic": val.get("tau_probabilistic"),
+        "val_ce": val.get("ce"),
+    }
     if eval_prompts:
         _cli(["export", *common, *train_sets], out / "export.log")
-        ev = ["-S", f"evaluate.drafter={out / 'drafter'}", "-S", f"evaluate.num_prompts={eval_prompts}",
-              "-S", f"evaluate.output={out / 'eval.json'}", "-S", f"evaluate.per_slot_output={out / 'slots.tsv'}",
-              "-S", f"evaluate.per_prompt_output={out / 'prompts.tsv'}"]
+        ev = [
+            "-S",
+            f"evaluate.drafter={out / 'drafter'}",
+            "-S",
+            f"evaluate.num_prompts={eval_prompts}",
+            "-S",
+            f"evaluate.output={out / 'eval.json'}",
+            "-S",
+            f"evaluate.per_slot_output={out / 'slots.tsv'}",
+            "-S",
+            f"evaluate.per_prompt_output={out / 'prompts.tsv'}",
+        ]
         _cli(["evaluate", *common, *ev], out / "evaluate.log")
         metrics = json.loads((out / "eval.json").read_text())
-        row.update(tau=metrics.get("tau"), tau_ci95=metrics.get("tau_ci95"),
-                   tau_prompt_lookup=metrics.get("tau_prompt_lookup"),
-                   tau_vs_prompt_lookup=metrics.get("tau_vs_prompt_lookup"),
-                   tau_vs_prompt_lookup_ci95=metrics.get("tau_vs_prompt_lookup_ci95"))
+        row.update(
+            tau=metrics.get("tau"),
+            tau_ci95=metrics.get("tau_ci95"),
+            tau_prompt_lookup=metrics.get("tau_prompt_lookup"),
+            tau_vs_prompt_lookup=metrics.get("tau_vs_prompt_lookup"),
+            tau_vs_prompt_lookup_ci95=metrics.get("tau_vs_prompt_lookup_ci95"),
+        )
     return row
 
 
@@ -107,7 +143,10 @@ def main(argv=None) -> None:
     for name, sets in variants:
         for steps in budgets:
             slug = "".join(c if c.isalnum() else "-" for c in name) + f"-{steps}"
-            row = {"variant": name, **run_one(args.params, [*args.set, *sets], steps, work / slug, args.eval_prompts)}
+            row = {
+                "variant": name,
+                **run_one(args.params, [*args.set, *sets], steps, work / slug, args.eval_prompts),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     cols = ["variant", "steps", "train_s", "tau_greedy", "tau_probabilistic", "val_ce"]

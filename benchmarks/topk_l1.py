@@ -47,19 +47,33 @@ import yaml
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
-    p.add_argument("-p", "--params", action="append", default=None, help="Params file(s); default params.yaml.")
-    p.add_argument("-S", "--set", action="append", default=[], help="Override section.field=value (repeatable).")
+    p.add_argument(
+        "-p", "--params", action="append", default=None, help="Params file(s); default params.yaml."
+    )
+    p.add_argument(
+        "-S", "--set", action="append", default=[], help="Override section.field=value (repeatable)."
+    )
     p.add_argument("--drafter", default=None, help="Exported drafter; default export.output.")
-    p.add_argument("--untrained", action="store_true", help="Also score the drafter's initial weights (seeded).")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="Training vocabulary of q (as train.vocab_size picks it); default train.vocab_size; "
-                        "0 = the whole vocabulary.")
+    p.add_argument(
+        "--untrained", action="store_true", help="Also score the drafter's initial weights (seeded)."
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="Training vocabulary of q (as train.vocab_size picks it); default train.vocab_size; "
+        "0 = the whole vocabulary.",
+    )
     p.add_argument("--ks", default="1,8,16,32,64,128,256,512", help="Comma-separated k values.")
     p.add_argument("--samples", type=int, default=None, help="Held-out samples to score; default all.")
     p.add_argument("--repeat", type=int, default=3, help="Timing repeats (the best one counts).")
-    p.add_argument("--reference", choices=("stored", "target"), default="stored",
-                   help="final_hidden of the exact L1: the stored one, or the target's fp32 one recomputed "
-                        "by running the target (target.path) on the scored samples.")
+    p.add_argument(
+        "--reference",
+        choices=("stored", "target"),
+        default="stored",
+        help="final_hidden of the exact L1: the stored one, or the target's fp32 one recomputed "
+        "by running the target (target.path) on the scored samples.",
+    )
     return p.parse_args(argv)
 
 
@@ -81,7 +95,9 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
         fh, ids, probs = blk.final_hidden, blk.topk_ids, blk.topk_probs
 
         def softmax_of(final):  # [N, B, H] -> p [N, B, V] and p on q's vocabulary [N, B, Vs]
-            full = torch.softmax((final.to(model.lm_head_weight.dtype) @ model.lm_head_weight.T).float(), dim=-1)
+            full = torch.softmax(
+                (final.to(model.lm_head_weight.dtype) @ model.lm_head_weight.T).float(), dim=-1
+            )
             return full, (full if model.train_vocab is None else full[..., model.train_vocab])
 
         p_st, p_st_in = softmax_of(fh)  # from the stored final_hidden
@@ -91,7 +107,9 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
             ref = block_targets(dict(batch, final_hidden=ref_final), anchors, keep, b, gamma, "exact")
             p, p_in = softmax_of(ref.final_hidden)
             out[("exact", 0)] = l1_to_target(model, q, ids, probs, fh, "exact")[ok].double()
-        out["exact"] = ((q - p_in).abs().sum(-1) + (1 - p_in.sum(-1)).clamp(min=0))[ok].double()  # as l1_mode exact
+        out["exact"] = ((q - p_in).abs().sum(-1) + (1 - p_in.sum(-1)).clamp(min=0))[
+            ok
+        ].double()  # as l1_mode exact
         out["noise"] = (p.gather(-1, ids.long()) - probs).abs().sum(-1)[ok].double()
         stored = ids.shape[-1]
         for k in ks:
@@ -104,11 +122,13 @@ def slot_values(model, batch: dict, anchors, keep, gamma: float, ks: list[int], 
                 out[(mode, k)] = l1_to_target(model, q, kid, kp, None, mode)[ok].double()
             pos, inside = in_vocab(model, kid)
             qk = q.gather(-1, pos) * inside  # [N, B, k]
-            out[("upper", k)] = ((qk - kp).abs().sum(-1) + (1 - qk.sum(-1)).clamp(min=0)
-                                 + (1 - kp.sum(-1)).clamp(min=0))[ok].double()
+            out[("upper", k)] = (
+                (qk - kp).abs().sum(-1) + (1 - qk.sum(-1)).clamp(min=0) + (1 - kp.sum(-1)).clamp(min=0)
+            )[ok].double()
             if k <= stored:
                 out[("recompute", k)] = l1_to_target(model, q, kid, kp, fh, "recompute")[ok].double()
-                # prototype: lse stored (4 B/token) instead of fitted: that of the stored final_hidden's logits
+                # prototype: lse stored (4 B/token) instead of fitted: that of the stored
+                # final_hidden's logits
                 out[("recompute+lse", k)] = l1_with_stored_topk(q, p_st_in, pos, inside, kp)[ok].double()
     return out
 
@@ -125,13 +145,23 @@ def summarise(values: dict, final_bytes: int) -> list[dict]:
         name, k = key
         err = est - exact
         a = err.abs()
-        bytes_tok = 6 * k + (final_bytes if name.startswith("recompute") or name == "exact" else 0) \
+        bytes_tok = (
+            6 * k
+            + (final_bytes if name.startswith("recompute") or name == "exact" else 0)
             + (4 if name == "recompute+lse" else 0)
-        rows.append({
-            "estimator": name, "k": k, "bytes": bytes_tok, "mean_err": float(err.mean()), "mean_abs": float(a.mean()),
-            "p95_abs": float(a.quantile(0.95)), "max_abs": float(a.max()),
-            "accept_err": float((acceptance(est) - acceptance(exact)).mean()),
-        })
+        )
+        rows.append(
+            {
+                "estimator": name,
+                "k": k,
+                "bytes": bytes_tok,
+                "mean_err": float(err.mean()),
+                "mean_abs": float(a.mean()),
+                "p95_abs": float(a.quantile(0.95)),
+                "max_abs": float(a.max()),
+                "accept_err": float((acceptance(est) - acceptance(exact)).mean()),
+            }
+        )
     order = {"topk": 0, "capped": 1, "upper": 2, "recompute": 3, "recompute+lse": 4, "exact": 5}
     return sorted(rows, key=lambda r: (order[r["estimator"]], r["k"]))
 
@@ -176,10 +206,14 @@ def target_reference(params, store):
     from dspark_offline.target.hf_backend import HFTarget
 
     m = store.manifest
-    target = HFTarget(params.target.path, layer_ids=list(m.layer_ids[:1]), top_k=1, dtype="float32", device="cpu")
+    target = HFTarget(
+        params.target.path, layer_ids=list(m.layer_ids[:1]), top_k=1, dtype="float32", device="cpu"
+    )
     if target.info["weights_hash"] != m.target.weights_hash:
-        raise SystemExit(f"target {params.target.path} weights_hash={target.info['weights_hash']} but the store "
-                         f"was dumped from weights_hash={m.target.weights_hash}")
+        raise SystemExit(
+            f"target {params.target.path} weights_hash={target.info['weights_hash']} but the store "
+            f"was dumped from weights_hash={m.target.weights_hash}"
+        )
 
     def final_hidden(batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]  # [Bt, S]
@@ -210,13 +244,19 @@ def score_drafter(model, store, indices, tc, ks: list[int], reference=None) -> t
 
 def print_table(title: str, rows: list[dict], values: dict) -> None:
     n = len(values["exact"])
-    print(f"\n## {title}: {n} supervised slots; exact L1 mean {float(values['exact'].mean()):.4f}; "
-          f"Σ_K|p_stored − p_reference| mean {float(values['noise'].mean()):.5f} (the data's rounding)")
-    print(f"{'estimator':<14} {'k':>4} {'B/token':>8} {'mean err':>9} {'mean |err|':>10} {'p95 |err|':>9} "
-          f"{'max |err|':>9} {'accept err':>10}")
+    print(
+        f"\n## {title}: {n} supervised slots; exact L1 mean {float(values['exact'].mean()):.4f}; "
+        f"Σ_K|p_stored − p_reference| mean {float(values['noise'].mean()):.5f} (the data's rounding)"
+    )
+    print(
+        f"{'estimator':<14} {'k':>4} {'B/token':>8} {'mean err':>9} {'mean |err|':>10} {'p95 |err|':>9} "
+        f"{'max |err|':>9} {'accept err':>10}"
+    )
     for r in rows:  # k "-": the estimator reads no top-k
-        print(f"{r['estimator']:<14} {r['k'] or '-':>4} {r['bytes']:>8} {r['mean_err']:>+9.4f} {r['mean_abs']:>10.4f} "
-              f"{r['p95_abs']:>9.4f} {r['max_abs']:>9.4f} {r['accept_err']:>+10.4f}")
+        print(
+            f"{r['estimator']:<14} {r['k'] or '-':>4} {r['bytes']:>8} {r['mean_err']:>+9.4f} "
+            f"{r['mean_abs']:>10.4f} {r['p95_abs']:>9.4f} {r['max_abs']:>9.4f} {r['accept_err']:>+10.4f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -249,30 +289,45 @@ def main(argv=None) -> int:
         init = DSparkDraft(trained.cfg)
         init.set_target_head(head["embed_tokens"], head["lm_head"])
         drafters.append(("untrained drafter (random initial weights)", init.float().eval()))
-    train_idx, val_idx = split_validation(select_samples(store, tc.max_length, tc.min_loss_tokens, progress=False),
-                                          tc.val_samples, tc.seed)
+    train_idx, val_idx = split_validation(
+        select_samples(store, tc.max_length, tc.min_loss_tokens, progress=False), tc.val_samples, tc.seed
+    )
     val_idx = val_idx[: args.samples] if args.samples else val_idx
     size = tc.vocab_size if args.vocab_size is None else (args.vocab_size or None)
     vocab = training_vocabulary(store, train_idx, size, progress=False) if size else None
     H = store.manifest.target.hidden_size
     final_bytes = H * torch.empty(0, dtype=getattr(torch, store.manifest.dtypes.final_hidden)).element_size()
-    where = f"q over a training vocabulary of {len(vocab)} ids" if vocab is not None else "q over the whole vocabulary"
+    where = (
+        f"q over a training vocabulary of {len(vocab)} ids"
+        if vocab is not None
+        else "q over the whole vocabulary"
+    )
     reference = target_reference(params, store) if args.reference == "target" else None
-    print(f"store {store.path}: top-{store.manifest.top_k}, H={H}, V={store.manifest.target.vocab_size}, "
-          f"final_hidden {store.manifest.dtypes.final_hidden}; {len(val_idx)} held-out samples, {tc.num_anchors} "
-          f"anchors each; {where}; exact L1 from the {args.reference} final_hidden (fp32 softmax); torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"store {store.path}: top-{store.manifest.top_k}, H={H}, V={store.manifest.target.vocab_size}, "
+        f"final_hidden {store.manifest.dtypes.final_hidden}; {len(val_idx)} held-out samples, "
+        f"{tc.num_anchors} anchors each; {where}; exact L1 from the {args.reference} final_hidden "
+        f"(fp32 softmax); torch threads {torch.get_num_threads()}"
+    )
 
     for name, model in drafters:
         model.set_train_vocab(vocab)
         t0 = time.perf_counter()
         values, (batch, anchors, keep) = score_drafter(model, store, val_idx, tc, ks, reference)
-        print_table(f"{name}, {where} ({time.perf_counter() - t0:.0f} s)", summarise(values, final_bytes), values)
+        print_table(
+            f"{name}, {where} ({time.perf_counter() - t0:.0f} s)", summarise(values, final_bytes), values
+        )
         timing = time_modes(model, batch, anchors, keep, tc, args.repeat)
         base_l1, base_obj = timing["topk"]
-        print(f"\n{'l1_mode':<10} {'L1 fwd+bwd ms/block':>20} {'ratio':>6} {'objective fwd+bwd ms/block':>27} {'ratio':>6}")
+        print(
+            f"\n{'l1_mode':<10} {'L1 fwd+bwd ms/block':>20} {'ratio':>6} "
+            f"{'objective fwd+bwd ms/block':>27} {'ratio':>6}"
+        )
         for mode, (t_l1, t_obj) in timing.items():
-            print(f"{mode:<10} {1e3 * t_l1:>20.3f} {t_l1 / base_l1:>6.2f} {1e3 * t_obj:>27.3f} {t_obj / base_obj:>6.2f}")
+            print(
+                f"{mode:<10} {1e3 * t_l1:>20.3f} {t_l1 / base_l1:>6.2f} "
+                f"{1e3 * t_obj:>27.3f} {t_obj / base_obj:>6.2f}"
+            )
     return 0
 
 

@@ -81,20 +81,50 @@ def _manifest(hidden: int, layers: int, top_k: int, shard_tokens: int, compresso
     )
 
     target = TargetInfo(
-        name="bench", path="/nowhere", weights_hash="w", architecture="Qwen3ForCausalLM", model_type="qwen3",
-        num_hidden_layers=layers + 4, hidden_size=hidden, num_attention_heads=8, num_key_value_heads=8,
-        head_dim=max(1, hidden // 8), intermediate_size=hidden * 3, rms_norm_eps=1e-6, rope_theta=1e6,
-        vocab_size=64, max_position_embeddings=1 << 20, tie_word_embeddings=False, dtype="bfloat16",
-        mask_token_id=None, tokenizer_size=64, special_tokens={},
+        name="bench",
+        path="/nowhere",
+        weights_hash="w",
+        architecture="Qwen3ForCausalLM",
+        model_type="qwen3",
+        num_hidden_layers=layers + 4,
+        hidden_size=hidden,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=max(1, hidden // 8),
+        intermediate_size=hidden * 3,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        vocab_size=64,
+        max_position_embeddings=1 << 20,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        mask_token_id=None,
+        tokenizer_size=64,
+        special_tokens={},
     )
     m = Manifest(
-        target=target, tokenizer_hash="t", chat_template_hash="c", layer_ids=list(range(1, layers + 1)),
-        top_k=top_k, dtypes=ArrayDtypes(hidden="bfloat16", final_hidden="bfloat16", head="bfloat16"),
-        has_final_hidden=True, num_parts=1, shard_tokens=shard_tokens, chunk_tokens=min(256, shard_tokens),
-        compressor=compressor, compression_level=level,
-        data=DataInfo(prepared_path="bench", split="train", prepared_fingerprint="bench", max_length=512,
-                      num_samples=0, num_tokens=0),
-        params_fingerprint="", created_by="benchmarks/writer.py",
+        target=target,
+        tokenizer_hash="t",
+        chat_template_hash="c",
+        layer_ids=list(range(1, layers + 1)),
+        top_k=top_k,
+        dtypes=ArrayDtypes(hidden="bfloat16", final_hidden="bfloat16", head="bfloat16"),
+        has_final_hidden=True,
+        num_parts=1,
+        shard_tokens=shard_tokens,
+        chunk_tokens=min(256, shard_tokens),
+        compressor=compressor,
+        compression_level=level,
+        data=DataInfo(
+            prepared_path="bench",
+            split="train",
+            prepared_fingerprint="bench",
+            max_length=512,
+            num_samples=0,
+            num_tokens=0,
+        ),
+        params_fingerprint="",
+        created_by="benchmarks/writer.py",
     )
     return m.model_copy(update={"params_fingerprint": params_fingerprint(fingerprint_fields(m))})
 
@@ -169,12 +199,19 @@ def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: i
     width = manifest.shard_tokens
     lengths = np.full(shards * (width // 512), 512) if width >= 512 else np.full(shards, width)
     plan = plan_part(lengths, 1, 0, width)
-    head = {k: torch.zeros(64, manifest.target.hidden_size, dtype=torch.bfloat16) for k in ("embed_tokens", "lm_head")}
+    head = {
+        k: torch.zeros(64, manifest.target.hidden_size, dtype=torch.bfloat16)
+        for k in ("embed_tokens", "lm_head")
+    }
     head["final_norm"] = torch.ones(manifest.target.hidden_size, dtype=torch.bfloat16)
     root = open_store_for_write(str(where), manifest, lambda: head)
     n = plan.num_positions
-    state = open_part(root, manifest, plan, lambda: (np.zeros(n, np.int32), np.zeros(n, np.uint8),
-                                                     np.arange(plan.num_samples, dtype=np.int64)))
+    state = open_part(
+        root,
+        manifest,
+        plan,
+        lambda: (np.zeros(n, np.int32), np.zeros(n, np.uint8), np.arange(plan.num_samples, dtype=np.int64)),
+    )
     part_dir = where / state.name
     before = _fsync_tree(part_dir)  # plan-known arrays: not part of the measurement
     t0, c0 = time.perf_counter(), _cpu()
@@ -212,14 +249,20 @@ def run(args) -> list[Row]:
             m = _manifest(hidden, layers, top_k, tokens, args.compressor, args.level)
             data = _shard_data(feature_specs(m), tokens)
             per_token = sum(a.nbytes for a in data.values()) // tokens
-            print(f"# {name}: {per_token} B/token, shard {tokens} tokens = "
-                  f"{per_token * tokens / 2**20:.0f} MiB, {shards} shards per measurement", flush=True)
+            print(
+                f"# {name}: {per_token} B/token, shard {tokens} tokens = "
+                f"{per_token * tokens / 2**20:.0f} MiB, {shards} shards per measurement",
+                flush=True,
+            )
             for n in workers:
                 raw, raw_cpu = measure_raw(base / f"raw-{name}-{n}", data, shards, n)
                 mb_s, mb_cpu, disk = measure_writer(base / f"store-{name}-{n}.zarr", m, data, shards, n)
                 rows.append(Row(name, n, raw, mb_s, mb_cpu, raw_cpu, disk))
-                print(f"  workers {n}: raw {raw:.0f} MB/s, writer {mb_s:.0f} MB/s "
-                      f"({mb_s / raw:.2f}x), {mb_cpu:.0f} MB/CPU-s", flush=True)
+                print(
+                    f"  workers {n}: raw {raw:.0f} MB/s, writer {mb_s:.0f} MB/s "
+                    f"({mb_s / raw:.2f}x), {mb_cpu:.0f} MB/CPU-s",
+                    flush=True,
+                )
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -233,7 +276,10 @@ def table(rows: list[Row], compressor: str, level: int) -> str:
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
         ),
         "",
-        "| width | workers | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s | on disk / logical |",
+        (
+            "| width | workers | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s "
+            "| on disk / logical |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     body = [

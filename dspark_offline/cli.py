@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option(
         "--params",
         "-p",
@@ -39,7 +39,7 @@ ParamsOpt = Annotated[
     ),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-S", help="Override a parameter: section.field=value (YAML value). Repeatable."),
 ]
 
@@ -85,13 +85,15 @@ def _setup_process() -> None:
 def prepare(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    source: Annotated[Optional[str], typer.Option(help="Conversations file or 'embedded:sharegpt'.")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Prepared-data directory.")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="Training samples to keep.")] = None,
+    source: Annotated[str | None, typer.Option(help="Conversations file or 'embedded:sharegpt'.")] = None,
+    output: Annotated[str | None, typer.Option(help="Prepared-data directory.")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Training samples to keep.")] = None,
 ) -> None:
     """Render conversations with the target's chat template into token ids + loss mask."""
     p = build_params(
-        params, set_, **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples}
+        params,
+        set_,
+        **{"prepare.source": source, "prepare.output": output, "prepare.num_samples": num_samples},
     )
     _setup_process()
     from dspark_offline.prepare import run
@@ -103,10 +105,12 @@ def prepare(
 def generate(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Optional[str], typer.Option(help="Directory of the generated training data.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer tokens per prompt at most.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; > 0 samples with generate.seed.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together.")] = None,
+    output: Annotated[str | None, typer.Option(help="Directory of the generated training data.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer tokens per prompt at most.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 = greedy; > 0 samples with generate.seed.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts decoded together.")] = None,
 ) -> None:
     """On-policy data: the target answers the first turn of every training prompt (resumable).
 
@@ -133,16 +137,18 @@ def generate(
 def dump(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    store: Annotated[Optional[str], typer.Option(help="Feature store path or fsspec URL.")] = None,
+    store: Annotated[str | None, typer.Option(help="Feature store path or fsspec URL.")] = None,
     num_parts: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="Total parts (default: one per launcher process, 1 without a launcher)."),
     ] = None,
     part_index: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="The part this worker writes (default: its launcher rank's parts, else all)."),
     ] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a mismatching store.")] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="Replace a mismatching store.")
+    ] = None,
 ) -> None:
     """Run the target once over the training data (generate.output when generate.enabled, else
     prepare.output) and write the Zarr feature store (resumable). Under torchrun, the deepspeed
@@ -150,7 +156,12 @@ def dump(
     p = build_params(
         params,
         set_,
-        **{"dump.store": store, "dump.num_parts": num_parts, "dump.part_index": part_index, "dump.overwrite": overwrite},
+        **{
+            "dump.store": store,
+            "dump.num_parts": num_parts,
+            "dump.part_index": part_index,
+            "dump.overwrite": overwrite,
+        },
     )
     _setup_process()
     from dspark_offline.dump import run
@@ -162,24 +173,34 @@ def dump(
 def train(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    store: Annotated[Optional[str], typer.Option(help="Feature store to train from.")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Run directory.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint.")] = None,
+    store: Annotated[str | None, typer.Option(help="Feature store to train from.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run directory.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="Continue from the latest checkpoint.")
+    ] = None,
     overwrite: Annotated[
-        Optional[bool],
-        typer.Option("--overwrite", help="Start afresh in an output dir that holds checkpoints, deleting them "
-                     "(refused without it)."),
+        bool | None,
+        typer.Option(
+            "--overwrite",
+            help="Start afresh in an output dir that holds checkpoints, deleting them (refused without it).",
+        ),
     ] = None,
     allow_param_change: Annotated[
-        Optional[bool],
-        typer.Option("--allow-param-change", help="With --resume: accept training params (learning rate, "
-                     "schedule, batch, ...) that differ from the checkpoint's (refused without it)."),
+        bool | None,
+        typer.Option(
+            "--allow-param-change",
+            help="With --resume: accept training params (learning rate, "
+            "schedule, batch, ...) that differ from the checkpoint's (refused without it).",
+        ),
     ] = None,
     allow_partial_store: Annotated[
-        Optional[bool],
-        typer.Option("--allow-partial-store", help="Train on the complete parts of a store whose other parts "
-                     "are missing or unfinished (refused without it)."),
+        bool | None,
+        typer.Option(
+            "--allow-partial-store",
+            help="Train on the complete parts of a store whose other parts "
+            "are missing or unfinished (refused without it).",
+        ),
     ] = None,
 ) -> None:
     """Train the drafter from the store with DeepSpeed ZeRO-2 (also under torchrun / deepspeed)."""
@@ -206,16 +227,20 @@ def train(
 def export(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint dir (default: latest).")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Serving directory to write.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint dir (default: latest).")] = None,
+    output: Annotated[str | None, typer.Option(help="Serving directory to write.")] = None,
     overwrite: Annotated[
-        Optional[bool],
-        typer.Option("--overwrite", help="Replace the files of a non-empty output directory (refused without it)."),
+        bool | None,
+        typer.Option(
+            "--overwrite", help="Replace the files of a non-empty output directory (refused without it)."
+        ),
     ] = None,
 ) -> None:
     """Write the serving directory (config.json + model.safetensors) SGLang's DSpark loader reads."""
     p = build_params(
-        params, set_, **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite}
+        params,
+        set_,
+        **{"export.checkpoint": checkpoint, "export.output": output, "export.overwrite": overwrite},
     )
     _setup_process()
     from dspark_offline.train.export import run
@@ -227,13 +252,13 @@ def export(
 def evaluate(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    drafter: Annotated[Optional[str], typer.Option(help="Exported drafter directory.")] = None,
+    drafter: Annotated[str | None, typer.Option(help="Exported drafter directory.")] = None,
     compare: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="A second exported drafter decoded on the same prompts (paired τ ratio)."),
     ] = None,
-    num_prompts: Annotated[Optional[int], typer.Option(help="Held-out prompts to decode.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Held-out prompts to decode.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
 ) -> None:
     """Speculative decoding with the target + drafter, beside prompt lookup (no training): τ with
     95 % bootstrap intervals, per-slot rates, losslessness, ms/token."""
@@ -268,8 +293,11 @@ def verify(
     store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
     quick: Annotated[
         bool,
-        typer.Option("--quick", help="Manifest, shapes and the presence of every shard/chunk object and shard "
-                     "index only, no data decoded (what `train` checks before step 0)."),
+        typer.Option(
+            "--quick",
+            help="Manifest, shapes and the presence of every shard/chunk object and shard "
+            "index only, no data decoded (what `train` checks before step 0).",
+        ),
     ] = False,
 ) -> None:
     """Read every shard and chunk back (target head and sample index included); report missing or

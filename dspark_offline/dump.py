@@ -270,13 +270,14 @@ def _for_this_process(params: Params) -> tuple[Params, list[int]]:
             device = launch.local_device(device, run_as, gpus)
         _say(
             f"{run_as.launcher}: rank {run_as.rank} of {run_as.world_size} (local rank {run_as.local_rank}) "
-            f"writes part(s) {parts} of {num_parts}"
-            + (f" on {device}" if cfg.backend == "hf" else "")
+            f"writes part(s) {parts} of {num_parts}" + (f" on {device}" if cfg.backend == "hf" else "")
         )
-    return params.model_copy(update={
-        "dump": cfg.model_copy(update={"num_parts": num_parts}),
-        "target": params.target.model_copy(update={"device": device}),
-    }), parts
+    return params.model_copy(
+        update={
+            "dump": cfg.model_copy(update={"num_parts": num_parts}),
+            "target": params.target.model_copy(update={"device": device}),
+        }
+    ), parts
 
 
 def _dump(params: Params, parts: list[int]) -> None:
@@ -381,10 +382,15 @@ def _write(params: Params, target: TargetBackend, split, manifest: Manifest, pla
     t0 = time.perf_counter()
     gpus = torch.cuda.device_count() if target.device.type == "cuda" else 1
     workers = cfg.writer_workers or default_workers(target.device.type, gpus)
-    with BackgroundWriter(workers) as writer, tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar:
+    with (
+        BackgroundWriter(workers) as writer,
+        tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar,
+    ):
         for state, shard in pending:
             bufs = writer.buffers(state, shard)
-            writer.submit(state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar, bufs))
+            writer.submit(
+                state, shard, _compute_shard(target, split, state, shard, cfg.batch_tokens, bar, bufs)
+            )
     elapsed = time.perf_counter() - t0
     _say(
         f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "

@@ -13,7 +13,9 @@ DEBUG_ENV = "DSPARK_OFFLINE_DEBUG"
 
 # Filesystem conditions of the environment, not bugs: one line naming the path, and what to do.
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "the disk is full: free space and re-run (a dump, generate or train run resumes where it stopped)",
+    errno.ENOSPC: (
+        "the disk is full: free space and re-run (a dump, generate or train run resumes where it stopped)"
+    ),
     errno.EDQUOT: "the disk quota is exceeded: free space and re-run (a dump, generate or train run resumes)",
     errno.EROFS: "read-only file system: choose a writable path",
     errno.EACCES: "permission denied: make it writable or choose another path",

@@ -68,7 +68,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Launch | None:
     return None
 
 
-def assign_parts(num_parts: int | None, part_index: int | None, launch: Launch | None) -> tuple[int, list[int]]:
+def assign_parts(
+    num_parts: int | None, part_index: int | None, launch: Launch | None
+) -> tuple[int, list[int]]:
     """(num_parts of the store, the parts this process writes).
 
     `num_parts` None = one part per rank (1 without a launcher); `part_index` set = that part only,

@@ -96,7 +96,8 @@ def check_output_file(path: str | Path, what: str) -> None:
             os.close(os.open(p, os.O_WRONLY | os.O_APPEND))  # opens for writing, changes nothing
         except OSError as e:
             raise OutputPathError(
-                f"{what}={str(path)!r}: cannot write it ({e.strerror or e}); make it writable or choose another path"
+                f"{what}={str(path)!r}: cannot write it ({e.strerror or e}); "
+                "make it writable or choose another path"
             ) from e
         return
     _probe(_check_parents(p.parent, what, path), what, path)

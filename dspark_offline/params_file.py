@@ -28,7 +28,11 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}; YAML would keep only the last value: remove one)", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1}; "
+                "YAML would keep only the last value: remove one)",
+                key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)

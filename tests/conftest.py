@@ -29,19 +29,19 @@ def _make_tiny(out: Path, tokenizer_dir: Path, arch: str) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     else:
@@ -72,12 +72,21 @@ def _make_chatty(out: Path, tokenizer_dir: Path, arch: str) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, initializer_range=0.1,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "initializer_range": 0.1,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": False,
+    }
     config = LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
     model = (LlamaForCausalLM if arch == "llama" else Qwen3ForCausalLM)(config)
     model.save_pretrained(out)
@@ -109,12 +118,23 @@ def make_tiny_draft():
     from dspark_offline.model import DraftModelConfig, DSparkDraft
 
     def make(seed: int = 0, **overrides):
-        dims = dict(
-            hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            intermediate_size=48, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
-            vocab_size=97, num_target_layers=6, target_layer_ids=(1, 3), block_size=4, markov_rank=8,
-            mask_token_id=96,
-        )
+        dims = {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "intermediate_size": 48,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 512,
+            "vocab_size": 97,
+            "num_target_layers": 6,
+            "target_layer_ids": (1, 3),
+            "block_size": 4,
+            "markov_rank": 8,
+            "mask_token_id": 96,
+        }
         dims.update(overrides)
         torch.manual_seed(seed)
         model = DSparkDraft(DraftModelConfig(**dims))
@@ -139,7 +159,9 @@ def _write_prepared_split(out: Path, samples: list[tuple], meta: dict | None = N
         ids = [np.asarray(i, np.int32) for i, _ in items]
         masks = [np.asarray(m, np.uint8) for _, m in items]
         n = len(items)
-        return SplitArrays.from_samples(ids, masks, list(range(first_id, first_id + n)), [f"r{k}" for k in range(n)])
+        return SplitArrays.from_samples(
+            ids, masks, list(range(first_id, first_id + n)), [f"r{k}" for k in range(n)]
+        )
 
     write_prepared(
         out,
@@ -158,7 +180,9 @@ def make_prepared(tmp_path):
     """
     import numpy as np
 
-    def make(num_samples: int, seed: int = 0, min_len: int = 5, max_len: int = 40, vocab: int = 400, name="prep"):
+    def make(
+        num_samples: int, seed: int = 0, min_len: int = 5, max_len: int = 40, vocab: int = 400, name="prep"
+    ):
         rng = np.random.default_rng(seed)
         samples = []
         for _ in range(num_samples):
@@ -176,20 +200,51 @@ def synthetic_manifest(**over):
     from dspark_offline.store.manifest import ArrayDtypes, DataInfo, Manifest, TargetInfo
 
     target = TargetInfo(
-        name="synthetic", path="/nowhere", weights_hash="w0", architecture="LlamaForCausalLM", model_type="llama",
-        num_hidden_layers=4, hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-        intermediate_size=16, rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=50, max_position_embeddings=128,
-        tie_word_embeddings=True, dtype="bfloat16", mask_token_id=None, tokenizer_size=48,
+        name="synthetic",
+        path="/nowhere",
+        weights_hash="w0",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        num_hidden_layers=4,
+        hidden_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        intermediate_size=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        vocab_size=50,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+        mask_token_id=None,
+        tokenizer_size=48,
         special_tokens={"<s>": 1},
     )
-    fields = dict(
-        target=target, tokenizer_hash="t0", chat_template_hash="c0", layer_ids=[1, 2], top_k=4,
-        dtypes=ArrayDtypes(hidden="bfloat16", final_hidden="bfloat16", head="bfloat16"), has_final_hidden=True,
-        num_parts=1, shard_tokens=32, chunk_tokens=8, compressor="zstd", compression_level=1,
-        data=DataInfo(prepared_path="p", split="train", prepared_fingerprint="d0", max_length=30,
-                      num_samples=0, num_tokens=0),
-        params_fingerprint="f0", created_by="test",
-    )
+    fields = {
+        "target": target,
+        "tokenizer_hash": "t0",
+        "chat_template_hash": "c0",
+        "layer_ids": [1, 2],
+        "top_k": 4,
+        "dtypes": ArrayDtypes(hidden="bfloat16", final_hidden="bfloat16", head="bfloat16"),
+        "has_final_hidden": True,
+        "num_parts": 1,
+        "shard_tokens": 32,
+        "chunk_tokens": 8,
+        "compressor": "zstd",
+        "compression_level": 1,
+        "data": DataInfo(
+            prepared_path="p",
+            split="train",
+            prepared_fingerprint="d0",
+            max_length=30,
+            num_samples=0,
+            num_tokens=0,
+        ),
+        "params_fingerprint": "f0",
+        "created_by": "test",
+    }
     fields.update(over)
     m = Manifest(**fields)
     if "params_fingerprint" in over:
@@ -214,18 +269,22 @@ class SyntheticStore:
         g = torch.Generator().manual_seed(seed)
         m = self.manifest
         L, H, K, V = len(m.layer_ids), m.target.hidden_size, m.top_k, m.target.vocab_size
-        hdt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[m.dtypes.hidden]
+        hdt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+            m.dtypes.hidden
+        ]
         self.samples = []  # per prepared index: dict of tensors
         for i, n in enumerate(self.lengths):
             probs = torch.rand(n, K, generator=g).sort(dim=-1, descending=True).values / K
-            self.samples.append(dict(
-                input_ids=torch.randint(0, V, (n,), generator=g),
-                loss_mask=torch.rand(n, generator=g) > 0.5,
-                hidden=torch.randn(n, L, H, generator=g).to(hdt),
-                final_hidden=torch.randn(n, H, generator=g).to(hdt),
-                topk_ids=torch.randint(0, V, (n, K), generator=g),
-                topk_probs=probs.half().float(),
-            ))
+            self.samples.append(
+                {
+                    "input_ids": torch.randint(0, V, (n,), generator=g),
+                    "loss_mask": torch.rand(n, generator=g) > 0.5,
+                    "hidden": torch.randn(n, L, H, generator=g).to(hdt),
+                    "final_hidden": torch.randn(n, H, generator=g).to(hdt),
+                    "topk_ids": torch.randint(0, V, (n, K), generator=g),
+                    "topk_probs": probs.half().float(),
+                }
+            )
         self.head = {
             "embed_tokens": torch.randn(V, H, generator=g).to(hdt),
             "lm_head": torch.randn(V, H, generator=g).to(hdt),

@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -37,7 +38,7 @@ class SamplingParams:
 
 
 class FakeLLM:
-    instances: list = []
+    instances: ClassVar[list] = []  # every engine built, shared by the class on purpose
     mode = "ok"  # "ok" | "error" | "interrupt"
 
     def __init__(self, model: str, **kwargs):

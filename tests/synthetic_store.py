@@ -55,22 +55,56 @@ def make_store(
     shard, chunk = effective_sizes(64, 16, int(lengths.max()))
     L = len(layer_ids)
     target = TargetInfo(
-        name=target_name, path=f"/nonexistent/{target_name}", weights_hash="synthetic", architecture="LlamaForCausalLM",
-        model_type="llama", num_hidden_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_size=48, rms_norm_eps=1e-6, rope_theta=10000.0,
-        vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False, dtype="float32",
-        mask_token_id=None, tokenizer_size=VOCAB - 1, special_tokens={},
+        name=target_name,
+        path=f"/nonexistent/{target_name}",
+        weights_hash="synthetic",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        num_hidden_layers=NUM_LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        dtype="float32",
+        mask_token_id=None,
+        tokenizer_size=VOCAB - 1,
+        special_tokens={},
     )
     manifest = Manifest(
-        target=target, tokenizer_hash="tok", chat_template_hash="tpl", layer_ids=list(layer_ids), top_k=top_k,
-        dtypes=ArrayDtypes(hidden="float32", final_hidden="float32" if final_hidden else None, head="float32"),
-        has_final_hidden=final_hidden, num_parts=num_parts, shard_tokens=shard, chunk_tokens=chunk,
-        compressor="zstd", compression_level=1,
-        data=DataInfo(prepared_path="synthetic", split="train", prepared_fingerprint=f"seed{seed}",
-                      max_length=max_len, num_samples=num_samples, num_tokens=int(lengths.sum())),
-        params_fingerprint="pending", created_by="tests",
+        target=target,
+        tokenizer_hash="tok",
+        chat_template_hash="tpl",
+        layer_ids=list(layer_ids),
+        top_k=top_k,
+        dtypes=ArrayDtypes(
+            hidden="float32", final_hidden="float32" if final_hidden else None, head="float32"
+        ),
+        has_final_hidden=final_hidden,
+        num_parts=num_parts,
+        shard_tokens=shard,
+        chunk_tokens=chunk,
+        compressor="zstd",
+        compression_level=1,
+        data=DataInfo(
+            prepared_path="synthetic",
+            split="train",
+            prepared_fingerprint=f"seed{seed}",
+            max_length=max_len,
+            num_samples=num_samples,
+            num_tokens=int(lengths.sum()),
+        ),
+        params_fingerprint="pending",
+        created_by="tests",
     )
-    manifest = manifest.model_copy(update={"params_fingerprint": params_fingerprint(fingerprint_fields(manifest))})
+    manifest = manifest.model_copy(
+        update={"params_fingerprint": params_fingerprint(fingerprint_fields(manifest))}
+    )
     head = {"embed_tokens": embed, "lm_head": lm_head, "final_norm": torch.ones(HIDDEN)}
     root = open_store_for_write(str(path), manifest, lambda: head)
 

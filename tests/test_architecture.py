@@ -186,7 +186,9 @@ CLEAN = {
         "def dump():\n    from dspark_offline.dump import run\n\n"
         "def prepare():\n    from dspark_offline import prepare\n"
     ),
-    "dspark_offline/prepare.py": "from dspark_offline.data.render import x\nfrom dspark_offline.target import y\n",
+    "dspark_offline/prepare.py": (
+        "from dspark_offline.data.render import x\nfrom dspark_offline.target import y\n"
+    ),
     "dspark_offline/dump.py": "from dspark_offline import __version__\nfrom dspark_offline.store import w\n",
     "dspark_offline/data/__init__.py": "",
     "dspark_offline/data/render.py": "from . import skips\nfrom dspark_offline.config import Params\n",
@@ -212,7 +214,9 @@ def test_checker_catches_each_kind_of_violation(tmp_path):
         # sideways through a relative import
         "dspark_offline/model/heads.py": "from ..store import reader\n",
         # upwards: a component importing a stage, by string
-        "dspark_offline/store/writer.py": "import importlib\nimportlib.import_module('dspark_offline.dump')\n",
+        "dspark_offline/store/writer.py": (
+            "import importlib\nimportlib.import_module('dspark_offline.dump')\n"
+        ),
         # a stage importing another stage (`from package import module`)
         "dspark_offline/dump.py": "from dspark_offline import prepare\n",
         # the foundation importing a component
@@ -229,16 +233,31 @@ def test_checker_catches_each_kind_of_violation(tmp_path):
     got = violations(_tree(tmp_path, {**CLEAN, **planted}))
     expected = [
         "dspark_offline/helpers: in no layer",
-        "dspark_offline/config.py:1: imports dspark_offline.model: foundation config -> component model (upwards)",
+        (
+            "dspark_offline/config.py:1: imports dspark_offline.model: "
+            "foundation config -> component model (upwards)"
+        ),
         (
             "dspark_offline/data/render.py:4: imports dspark_offline.target.embedded: "
             "component data -> component target (sideways)"
         ),
-        "dspark_offline/data/sources.py:2: imports deepspeed: deepspeed is imported only in dspark_offline/train/",
+        (
+            "dspark_offline/data/sources.py:2: imports deepspeed: "
+            "deepspeed is imported only in dspark_offline/train/"
+        ),
         "dspark_offline/dump.py:1: imports dspark_offline: stage dump -> stage prepare (sideways)",
-        "dspark_offline/model/heads.py:1: imports dspark_offline.store: component model -> component store (sideways)",
-        "dspark_offline/model/layers.py:1: imports zarr.codecs: zarr is imported only in dspark_offline/store/",
-        "dspark_offline/store/writer.py:2: imports dspark_offline.dump: component store -> stage dump (upwards)",
+        (
+            "dspark_offline/model/heads.py:1: imports dspark_offline.store: "
+            "component model -> component store (sideways)"
+        ),
+        (
+            "dspark_offline/model/layers.py:1: imports zarr.codecs: "
+            "zarr is imported only in dspark_offline/store/"
+        ),
+        (
+            "dspark_offline/store/writer.py:2: imports dspark_offline.dump: "
+            "component store -> stage dump (upwards)"
+        ),
         "dspark_offline/target/__init__.py:1: imports stages.dump: nothing imports stages/",
         "dspark_offline/target/hf_backend.py:1: imports vllm: vllm is imported only in",
     ]

@@ -62,8 +62,10 @@ def test_benchmark_reference_from_the_target(tmp_path, capsys, monkeypatch):
     store = make_store(tmp_path / "features.zarr", num_samples=8, top_k=8)
     params = make_params(store, tmp_path / "run", val_samples=3)
     torch.manual_seed(0)
-    save_serving(DSparkDraft(DraftModelConfig.from_manifest(open_store(str(store)).manifest, params.draft)),
-                 params.export.output)
+    save_serving(
+        DSparkDraft(DraftModelConfig.from_manifest(open_store(str(store)).manifest, params.draft)),
+        params.export.output,
+    )
     cfg = tmp_path / "params.yaml"
     cfg.write_text(json.dumps(params.model_dump(mode="json")))
     script = _load_script()
@@ -73,6 +75,7 @@ def test_benchmark_reference_from_the_target(tmp_path, capsys, monkeypatch):
         def final_hidden(batch):
             calls.append(batch["input_ids"].shape)
             return batch["final_hidden"].float() + 0.05 * torch.randn(batch["final_hidden"].shape)
+
         return final_hidden
 
     monkeypatch.setattr(script, "target_reference", fake_reference)
@@ -80,7 +83,9 @@ def test_benchmark_reference_from_the_target(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert calls and "exact L1 from the target final_hidden" in out
     rows = _rows(out, f"drafter {params.export.output}")
-    assert rows[("exact", 0)][0] == 4 * 32 and 0 < rows[("exact", 0)][2] < 0.5  # the stored final_hidden's error
+    assert (
+        rows[("exact", 0)][0] == 4 * 32 and 0 < rows[("exact", 0)][2] < 0.5
+    )  # the stored final_hidden's error
 
 
 def test_benchmark_needs_held_out_samples(tmp_path, capsys):

@@ -16,7 +16,12 @@ def test_writer_benchmark_prints_writer_and_raw_side_by_side(capsys):
     assert load_benchmark("writer").main(["--quick"]) == 0
     out = capsys.readouterr().out
     rows = _table(out, "writer vs raw write+fsync")
-    assert [(r[0], r[1]) for r in rows] == [("tiny-a", "1"), ("tiny-a", "2"), ("tiny-b", "1"), ("tiny-b", "2")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("tiny-a", "1"),
+        ("tiny-a", "2"),
+        ("tiny-b", "1"),
+        ("tiny-b", "2"),
+    ]
     for width, workers, raw, writer, ratio, per_cpu, on_disk in rows:
         raw, writer, ratio, per_cpu, on_disk = map(float, (raw, writer, ratio, per_cpu, on_disk))
         assert raw > 0 and writer > 0 and per_cpu > 0, (width, workers)

@@ -29,21 +29,57 @@ def capture(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "argv, module, expected",
     [
-        (["prepare", "--num-samples", "12", "--source", "x.jsonl"], "dspark_offline.prepare",
-         {"prepare": {"num_samples": 12, "source": "x.jsonl"}}),
-        (["generate", "--max-new-tokens", "32", "--output", "g", "--temperature", "0.5", "--batch-size", "4",
-          "-S", "generate.enabled=true"], "dspark_offline.generate",
-         {"generate": {"max_new_tokens": 32, "output": "g", "temperature": 0.5, "batch_size": 4, "enabled": True}}),
-        (["dump", "--num-parts", "4", "--part-index", "3", "--overwrite"], "dspark_offline.dump",
-         {"dump": {"num_parts": 4, "part_index": 3, "overwrite": True}}),
-        (["train", "--store", "s.zarr", "--max-steps", "5", "--resume", "-S", "train.learning_rate=1e-3"],
-         "dspark_offline.train.loop",
-         {"dump": {"store": "s.zarr"}, "train": {"max_steps": 5, "resume": True, "learning_rate": 1e-3}}),
+        (
+            ["prepare", "--num-samples", "12", "--source", "x.jsonl"],
+            "dspark_offline.prepare",
+            {"prepare": {"num_samples": 12, "source": "x.jsonl"}},
+        ),
+        (
+            [
+                "generate",
+                "--max-new-tokens",
+                "32",
+                "--output",
+                "g",
+                "--temperature",
+                "0.5",
+                "--batch-size",
+                "4",
+                "-S",
+                "generate.enabled=true",
+            ],
+            "dspark_offline.generate",
+            {
+                "generate": {
+                    "max_new_tokens": 32,
+                    "output": "g",
+                    "temperature": 0.5,
+                    "batch_size": 4,
+                    "enabled": True,
+                }
+            },
+        ),
+        (
+            ["dump", "--num-parts", "4", "--part-index", "3", "--overwrite"],
+            "dspark_offline.dump",
+            {"dump": {"num_parts": 4, "part_index": 3, "overwrite": True}},
+        ),
+        (
+            ["train", "--store", "s.zarr", "--max-steps", "5", "--resume", "-S", "train.learning_rate=1e-3"],
+            "dspark_offline.train.loop",
+            {"dump": {"store": "s.zarr"}, "train": {"max_steps": 5, "resume": True, "learning_rate": 1e-3}},
+        ),
         (["export", "--output", "out"], "dspark_offline.train.export", {"export": {"output": "out"}}),
-        (["evaluate", "--temperature", "0.7", "--num-prompts", "3"], "dspark_offline.evaluate",
-         {"evaluate": {"temperature": 0.7, "num_prompts": 3}}),
-        (["evaluate", "--compare", "runs/baseline/drafter", "--drafter", "d"], "dspark_offline.evaluate",
-         {"evaluate": {"compare": "runs/baseline/drafter", "drafter": "d"}}),
+        (
+            ["evaluate", "--temperature", "0.7", "--num-prompts", "3"],
+            "dspark_offline.evaluate",
+            {"evaluate": {"temperature": 0.7, "num_prompts": 3}},
+        ),
+        (
+            ["evaluate", "--compare", "runs/baseline/drafter", "--drafter", "d"],
+            "dspark_offline.evaluate",
+            {"evaluate": {"compare": "runs/baseline/drafter", "drafter": "d"}},
+        ),
     ],
 )
 def test_command_passes_exact_params(capture, argv, module, expected):
@@ -75,7 +111,9 @@ def test_bad_override_is_a_clean_error(monkeypatch, tmp_path, capsys):
 def test_params_files_layer_field_by_field(capture, tmp_path):
     install, got = capture
     install("dspark_offline.train.loop")
-    (tmp_path / "a.yaml").write_text("train:\n  max_steps: 7\n  learning_rate: 0.5\ndraft:\n  markov_rank: 8\n")
+    (tmp_path / "a.yaml").write_text(
+        "train:\n  max_steps: 7\n  learning_rate: 0.5\ndraft:\n  markov_rank: 8\n"
+    )
     (tmp_path / "b.yaml").write_text("train:\n  learning_rate: 0.25\n")
     result = runner.invoke(cli.app, ["train", "-p", "a.yaml", "-p", "b.yaml"])
     assert result.exit_code == 0, result.output

@@ -45,5 +45,8 @@ def test_nested_section_merges_across_files_and_takes_dotted_overrides(tmp_path)
     p = load_params([a, b], {"dump.vllm.max_model_len": 2048})
     assert p.dump.backend == "vllm"
     assert p.dump.vllm.engine_kwargs() == {
-        "enforce_eager": True, "max_num_seqs": 16, "max_model_len": 2048, "tensor_parallel_size": 1
+        "enforce_eager": True,
+        "max_num_seqs": 16,
+        "max_model_len": 2048,
+        "tensor_parallel_size": 1,
     }

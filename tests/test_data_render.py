@@ -117,8 +117,8 @@ def test_hashes_are_stable_and_sensitive(tok):
 def test_template_that_rejects_a_conversation_is_a_template_mismatch(tok):
     tok = _copy(tok)
     tok.chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-        + tok.chat_template
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + tok.chat_template
     )
     with pytest.raises(RenderSkip, match="System role not supported") as info:
         render_conversation(tok, CONV, max_length=4096)

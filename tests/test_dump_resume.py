@@ -87,7 +87,11 @@ def _descendants(pid: int) -> set[int]:
 def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared, tmp_path, writer_workers):
     prepared = make_prepared(40, seed=3)
     full = make_params(
-        tiny_llama_dir, prepared, tmp_path / "full.zarr", shard_tokens=48, batch_tokens=96,
+        tiny_llama_dir,
+        prepared,
+        tmp_path / "full.zarr",
+        shard_tokens=48,
+        batch_tokens=96,
         writer_workers=writer_workers,
     )
     dump.run(full)

@@ -37,7 +37,9 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("dspark_offline")}
         elif (
-            isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
             and node.module.startswith("dspark_offline")
         ):
             found.add(node.module)
@@ -109,7 +111,9 @@ def test_generate_sits_between_prepare_and_dump():
     assert "${prepare.output}" in gen["deps"] and gen["outs"] == ["${generate.output}"]
     assert {"target", "generate", "prepare.max_length"} <= set(gen["params"])
     # dump reads one of the two directories, chosen by generate.enabled: it depends on both and on the switch
-    assert {"${prepare.output}", "${generate.output}"} <= set(dump["deps"]) and "generate.enabled" in dump["params"]
+    assert {"${prepare.output}", "${generate.output}"} <= set(dump["deps"]) and "generate.enabled" in dump[
+        "params"
+    ]
     # evaluate's prompts are the eval split of the prepare output, never the generated data
     assert "${prepare.output}" in evaluate["deps"] and "${generate.output}" not in evaluate["deps"]
 
@@ -130,8 +134,11 @@ def _scratch_repo(tmp_path: Path) -> Path:
             shutil.copy(src, dst)
     shutil.copy(ROOT / "configs" / "tiny.yaml", repo / "params.yaml")
     (repo / ".gitignore").write_text("/data/\n/runs/\n")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "scratch"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "scratch"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     return repo
 
@@ -162,8 +169,10 @@ def test_dvc_bookkeeping_does_not_read_the_store(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     took_status, proc = _run(["dvc", "status", "dump"], repo)
     assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout + proc.stderr
-    print(f"{shards} shards, {apparent / 2**30:.0f} GiB apparent: dvc commit {took_commit:.1f} s, "
-          f"dvc status {took_status:.1f} s")
+    print(
+        f"{shards} shards, {apparent / 2**30:.0f} GiB apparent: dvc commit {took_commit:.1f} s, "
+        f"dvc status {took_status:.1f} s"
+    )
     # md5 of 200+ GiB takes minutes even of holes; DVC's own start-up is ~1-3 s on a loaded machine
     assert took_commit < 20 and took_status < 10
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["dump"]
@@ -177,5 +186,7 @@ def test_dvc_bookkeeping_does_not_read_the_store(tmp_path):
     assert "up to date" in proc.stdout, proc.stdout + proc.stderr
     _, proc = _run([sys.executable, "stages/train.py"], repo)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "store changed since the dump recorded it" in proc.stderr and "part-00000" in proc.stderr, proc.stderr
+    assert "store changed since the dump recorded it" in proc.stderr and "part-00000" in proc.stderr, (
+        proc.stderr
+    )
     assert json.loads((store.parent / (store.name + RECORD_SUFFIX)).read_text())["num_parts"] == 2

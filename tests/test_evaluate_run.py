@@ -88,7 +88,13 @@ def test_run_writes_metrics_and_per_slot_plot(tmp_path, tiny_qwen3_dir):
     assert metrics["generated_tokens"] == metrics["target_generated_tokens"] <= 3 * 8
     assert metrics["prompt_lookup"]["generated_tokens"] == metrics["generated_tokens"]  # T = 0: same output
     rows = [r.split("\t") for r in (tmp_path / "out" / "per_slot.tsv").read_text().splitlines()]
-    assert rows[0] == ["slot", "acceptance_rate", "proposed", "prompt_lookup_acceptance_rate", "prompt_lookup_proposed"]
+    assert rows[0] == [
+        "slot",
+        "acceptance_rate",
+        "proposed",
+        "prompt_lookup_acceptance_rate",
+        "prompt_lookup_proposed",
+    ]
     assert [int(r[0]) for r in rows[1:]] == list(range(BLOCK))
     assert [float(r[1]) for r in rows[1:]] == pytest.approx(
         [v for v in metrics["per_slot_acceptance"].values()], abs=1e-6
@@ -111,7 +117,11 @@ def test_every_tau_and_interval_is_rederived_from_the_per_prompt_table(tmp_path,
     table = _read_tsv(tmp_path / "out" / "per_prompt.tsv")
     assert [int(r["prompt_index"]) for r in table] == [0, 1, 2]
     assert [int(r["sample_id"]) for r in table] == [1, 2, 3]
-    col = {k: np.array([int(r[k]) for r in table]) for k in table[0] if k.endswith(("_rounds", "_committed", "_tokens"))}
+    col = {
+        k: np.array([int(r[k]) for r in table])
+        for k in table[0]
+        if k.endswith(("_rounds", "_committed", "_tokens"))
+    }
     for name, key in (("drafter", "tau"), ("prompt_lookup", "tau_prompt_lookup")):
         assert metrics[key] == pytest.approx(col[f"{name}_committed"].sum() / col[f"{name}_rounds"].sum())
         assert metrics[f"{key}_ci95"] == pytest.approx(
@@ -122,8 +132,11 @@ def test_every_tau_and_interval_is_rederived_from_the_per_prompt_table(tmp_path,
     assert metrics["tau_vs_prompt_lookup_ci95"] == pytest.approx(
         list(
             tau_ratio_interval(
-                col["drafter_committed"], col["drafter_rounds"],
-                col["prompt_lookup_committed"], col["prompt_lookup_rounds"], seed=0,
+                col["drafter_committed"],
+                col["drafter_rounds"],
+                col["prompt_lookup_committed"],
+                col["prompt_lookup_rounds"],
+                seed=0,
             )
         )
     )
@@ -148,9 +161,15 @@ def test_compare_drafter_is_decoded_and_paired(tmp_path, tiny_qwen3_dir):
 def test_fewer_prompts_than_asked_is_loud(tmp_path, tiny_qwen3_dir, capsys):
     prepared = _prepared(tmp_path, tiny_qwen3_dir, QUESTIONS[:2])
     drafter = make_drafter_dir(tiny_qwen3_dir, tmp_path / "drafter")
-    with pytest.warns(runner.FewerPromptsWarning, match="evaluate.num_prompts=5 but .* only 2 usable prompts"):
+    with pytest.warns(
+        runner.FewerPromptsWarning, match="evaluate.num_prompts=5 but .* only 2 usable prompts"
+    ):
         metrics = run(_params(tmp_path, tiny_qwen3_dir, prepared, drafter, num_prompts=5))
-    assert (metrics["num_prompts"], metrics["num_prompts_requested"], metrics["prompts_shortfall"]) == (2, 5, 3)
+    assert (metrics["num_prompts"], metrics["num_prompts_requested"], metrics["prompts_shortfall"]) == (
+        2,
+        5,
+        3,
+    )
     assert "WARNING: 2 prompts, 3 fewer than evaluate.num_prompts=5" in capsys.readouterr().out
 
 
@@ -219,6 +238,8 @@ def test_prompt_is_the_prefix_before_the_first_supervised_token():
 def test_run_refuses_a_prompt_longer_than_the_target_positions(tmp_path, tiny_qwen3_dir):
     prepared = _prepared(tmp_path, tiny_qwen3_dir, QUESTIONS[:1])
     drafter = make_drafter_dir(tiny_qwen3_dir, tmp_path / "drafter")
-    params = _params(tmp_path, tiny_qwen3_dir, prepared, drafter, num_prompts=1, max_new_tokens=2040)  # 2048 positions
+    params = _params(
+        tmp_path, tiny_qwen3_dir, prepared, drafter, num_prompts=1, max_new_tokens=2040
+    )  # 2048 positions
     with pytest.raises(runner.PromptTooLongError, match=r"eval prompt 0 \(sample_id 1\).*2048"):
         run(params)

@@ -288,7 +288,11 @@ def test_variable_length_proposals(tiny):
     reference = target_decode(model, prompts[0], 30, frozenset())
     lengths = [2, 0, BLOCK, 1, 3]
     spec = speculative_decode(
-        model, ShortOracle(reference, len(prompts[0]), lengths), prompts[0], max_new_tokens=30, stop_ids=frozenset()
+        model,
+        ShortOracle(reference, len(prompts[0]), lengths),
+        prompts[0],
+        max_new_tokens=30,
+        stop_ids=frozenset(),
     )
     assert spec.tokens == reference
     expected = [lengths[r % len(lengths)] for r in range(len(spec.rounds))]

@@ -134,9 +134,18 @@ def train_params(base: Path, store: Path, out: Path, **train) -> Path:
         "target": {"path": TARGET_NAME},
         "dump": {"store": str(store), "layer_ids": [1, 3]},
         "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
-        "train": {"output_dir": str(out), "max_steps": 2, "micro_batch_size": 2, "num_anchors": 8,
-                  "save_every": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0, "dtype": "float32",
-                  "min_loss_tokens": 2, **train},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "micro_batch_size": 2,
+            "num_anchors": 8,
+            "save_every": 2,
+            "learning_rate": 3e-3,
+            "warmup_ratio": 0.0,
+            "dtype": "float32",
+            "min_loss_tokens": 2,
+            **train,
+        },
         "export": {"output": str(out / "drafter")},
     }
     path = base / f"{out.name}.params.yaml"
@@ -180,15 +189,24 @@ def prepared_dump(base, tmp_path_factory) -> Path:
 
 
 def dump_args(target: Path, prepared: Path, store: Path, *extra) -> list:
-    sets = [f"target.path={target}", f"prepare.output={prepared}", "dump.top_k=8", "dump.num_layer_ids=2",
-            "dump.shard_tokens=32", "dump.chunk_tokens=16", "target.dtype=float32"]
+    sets = [
+        f"target.path={target}",
+        f"prepare.output={prepared}",
+        "dump.top_k=8",
+        "dump.num_layer_ids=2",
+        "dump.shard_tokens=32",
+        "dump.chunk_tokens=16",
+        "target.dtype=float32",
+    ]
     return ["dump", "--store", store, *[a for s in sets for a in ("-S", s)], *extra]
 
 
 @pytest.fixture(scope="module")
 def eval_inputs(base, tiny_qwen3_dir) -> tuple[Path, Path]:
     """(drafter dir, prepared dir with 2 eval prompts) for the tiny Qwen3 target (H=64, 4 layers)."""
-    return make_drafter_dir(tiny_qwen3_dir, base / "drafter"), _prepared(base, tiny_qwen3_dir, ["Hi?", "Say hello."])
+    return make_drafter_dir(tiny_qwen3_dir, base / "drafter"), _prepared(
+        base, tiny_qwen3_dir, ["Hi?", "Say hello."]
+    )
 
 
 # =============================================================================================
@@ -197,13 +215,22 @@ def eval_inputs(base, tiny_qwen3_dir) -> tuple[Path, Path]:
 
 PARAM_FILES = {
     "malformed-yaml": ("train:\n  learning_rate: [1,\n", ["invalid YAML", "line"]),
-    "duplicate-key": ("train:\n  learning_rate: 1.0\n  learning_rate: 2.0\n", ["duplicate key 'learning_rate'"]),
+    "duplicate-key": (
+        "train:\n  learning_rate: 1.0\n  learning_rate: 2.0\n",
+        ["duplicate key 'learning_rate'"],
+    ),
     "top-level-list": ("- train\n- dump\n", ["top level must be a mapping"]),
-    "unknown-key": ("train:\n  learnin_rate: 1.0\n", ["train.learnin_rate", "did you mean train.learning_rate"]),
+    "unknown-key": (
+        "train:\n  learnin_rate: 1.0\n",
+        ["train.learnin_rate", "did you mean train.learning_rate"],
+    ),
     "unknown-section": ("trian:\n  max_steps: 1\n", ["trian", "did you mean train"]),
     "wrong-type": ("train:\n  max_steps: many\n", ["train.max_steps", "'many'"]),
     "section-not-mapping": ("train: 5\n", ["train"]),
-    "cross-field": ("dump:\n  num_parts: 2\n  part_index: 2\n", ["dump.part_index=2 must be < dump.num_parts=2"]),
+    "cross-field": (
+        "dump:\n  num_parts: 2\n  part_index: 2\n",
+        ["dump.part_index=2 must be < dump.num_parts=2"],
+    ),
 }
 
 
@@ -229,7 +256,10 @@ def test_params_file_not_text(dspark, tmp_path):
 
 
 SETS = {
-    "malformed-yaml-value": ("train.learning_rate=[1,", ["--set train.learning_rate", "not a valid YAML value"]),
+    "malformed-yaml-value": (
+        "train.learning_rate=[1,",
+        ["--set train.learning_rate", "not a valid YAML value"],
+    ),
     "no-equals": ("train.learning_rate", ["expected section.field=value"]),
     "unknown-field": ("train.nope=1", ["train.nope", "unknown parameter"]),
     "wrong-type": ("train.learning_rate=fast", ["train.learning_rate", "'fast'"]),
@@ -251,7 +281,10 @@ def test_params_typo_under_dvc_repro_is_one_line(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(ROOT / "stages" / "train.py"), run_name="__main__")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert "params.yaml" in err and "train.learnin_rate: unknown parameter (did you mean train.learning_rate?)" in err
+    assert (
+        "params.yaml" in err
+        and "train.learnin_rate: unknown parameter (did you mean train.learning_rate?)" in err
+    )
 
 
 def test_train_max_length_too_short_blames_max_length(dspark, base, store, tmp_path):
@@ -268,7 +301,10 @@ def _conv(rid, turns):
     return {"id": rid, "conversations": [{"role": r, "content": c} for r, c in turns]}
 
 
-GOOD = [_conv(f"g{i}", [("user", f"Question number {i}?"), ("assistant", f"Answer number {i}.")]) for i in range(8)]
+GOOD = [
+    _conv(f"g{i}", [("user", f"Question number {i}?"), ("assistant", f"Answer number {i}.")])
+    for i in range(8)
+]
 BAD_RECORDS = {
     "malformed_json": '{"id": "x1", "conversations": [',
     "not_an_object": json.dumps([1, 2, 3]),
@@ -282,8 +318,21 @@ BAD_RECORDS = {
 
 
 def prepare_args(target: Path, source: Path, out: Path) -> list:
-    return ["prepare", "--source", source, "--output", out, "--num-samples", 4,
-            "-S", f"target.path={target}", "-S", "prepare.num_eval_samples=1", "-S", "prepare.max_length=64"]
+    return [
+        "prepare",
+        "--source",
+        source,
+        "--output",
+        out,
+        "--num-samples",
+        4,
+        "-S",
+        f"target.path={target}",
+        "-S",
+        "prepare.num_eval_samples=1",
+        "-S",
+        "prepare.max_length=64",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -295,9 +344,17 @@ def prepared_with_skips(base, tiny_llama_dir) -> dict:
     from dspark_offline.config import load_params
     from dspark_offline.prepare import run
 
-    params = load_params(None, {"target.path": str(tiny_llama_dir), "prepare.source": str(source),
-                                "prepare.output": str(base / "mixed_prepared"), "prepare.num_samples": 4,
-                                "prepare.num_eval_samples": 1, "prepare.max_length": 64})
+    params = load_params(
+        None,
+        {
+            "target.path": str(tiny_llama_dir),
+            "prepare.source": str(source),
+            "prepare.output": str(base / "mixed_prepared"),
+            "prepare.num_samples": 4,
+            "prepare.num_eval_samples": 1,
+            "prepare.max_length": 64,
+        },
+    )
     out = run(params)
     return json.loads((out / "report.json").read_text())
 
@@ -327,7 +384,9 @@ def test_unusable_source_is_refused(kind, dspark, tiny_llama_dir, tmp_path):
 
 
 def test_source_that_is_a_directory(dspark, tiny_llama_dir, tmp_path):
-    refused(dspark(*prepare_args(tiny_llama_dir, tmp_path, tmp_path / "out"), cwd=tmp_path), "not a regular file")
+    refused(
+        dspark(*prepare_args(tiny_llama_dir, tmp_path, tmp_path / "out"), cwd=tmp_path), "not a regular file"
+    )
 
 
 def test_dump_without_prepared_data(dspark, tiny_llama_dir, tmp_path):
@@ -346,34 +405,45 @@ def test_dump_top_k_larger_than_the_vocabulary(dspark, tiny_llama_dir, prepared_
 
 def test_dump_onto_a_regular_file(dspark, tiny_llama_dir, prepared_dump, tmp_path):
     (tmp_path / "s.zarr").write_text("not a store")
-    line = refused(dspark(*dump_args(tiny_llama_dir, prepared_dump, tmp_path / "s.zarr"), cwd=tmp_path),
-                   "dump.store=", "is an existing file")
+    line = refused(
+        dspark(*dump_args(tiny_llama_dir, prepared_dump, tmp_path / "s.zarr"), cwd=tmp_path),
+        "dump.store=",
+        "is an existing file",
+    )
     assert (tmp_path / "s.zarr").read_text() == "not a store", line
 
 
 def test_export_onto_a_regular_file(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
+    _, params = copy_run(trained, tmp_path)
     (tmp_path / "file").write_text("mine")
-    refused(dspark("export", "-p", params, "--output", tmp_path / "file"), "export.output=", "is an existing file")
+    refused(
+        dspark("export", "-p", params, "--output", tmp_path / "file"), "export.output=", "is an existing file"
+    )
 
 
 def test_train_output_dir_is_a_regular_file(dspark, store, tmp_path):
     (tmp_path / "run").write_text("mine")
-    refused(dspark("train", "-p", train_params(tmp_path, store, tmp_path / "run")),
-            "train.output_dir=", "is an existing file")
+    refused(
+        dspark("train", "-p", train_params(tmp_path, store, tmp_path / "run")),
+        "train.output_dir=",
+        "is an existing file",
+    )
 
 
 def test_evaluate_output_is_a_directory(dspark, tmp_path, monkeypatch):
     (tmp_path / "eval.json").mkdir()
-    import dspark_offline.evaluate.runner as runner
+    from dspark_offline.evaluate import runner
 
     monkeypatch.setattr(runner, "load_target", lambda *a: pytest.fail("loaded the target"))
-    refused(dspark("evaluate", "-S", f"evaluate.output={tmp_path / 'eval.json'}", cwd=tmp_path),
-            "evaluate.output=", "is a directory")
+    refused(
+        dspark("evaluate", "-S", f"evaluate.output={tmp_path / 'eval.json'}", cwd=tmp_path),
+        "evaluate.output=",
+        "is a directory",
+    )
 
 
 def test_export_refuses_a_non_empty_directory_without_overwrite(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
+    _, params = copy_run(trained, tmp_path)
     drafter = tmp_path / "mine"
     drafter.mkdir()
     (drafter / "config.json").write_text('{"mine": true}')
@@ -395,10 +465,11 @@ READ_ONLY = ["prepare", "generate", "dump", "train", "export", "evaluate"]
 
 
 @pytest.mark.parametrize("stage", READ_ONLY)
-def test_read_only_output_is_refused_before_any_work(stage, dspark, tmp_path, monkeypatch, trained, store,
-                                                     tiny_llama_dir, prepared_dump):
+def test_read_only_output_is_refused_before_any_work(
+    stage, dspark, tmp_path, monkeypatch, trained, store, tiny_llama_dir, prepared_dump
+):
     ro = tmp_path / "ro"
-    import dspark_offline.evaluate.runner as runner
+    from dspark_offline.evaluate import runner
 
     monkeypatch.setattr(runner, "load_target", lambda *a: pytest.fail("evaluate loaded the target"))
     args = {
@@ -406,7 +477,13 @@ def test_read_only_output_is_refused_before_any_work(stage, dspark, tmp_path, mo
         "generate": lambda: ["generate", "--output", ro / "generated"],
         "dump": lambda: dump_args(tiny_llama_dir, prepared_dump, ro / "s.zarr"),
         "train": lambda: ["train", "-p", train_params(tmp_path, store, ro / "run")],
-        "export": lambda: ["export", "-p", train_params(tmp_path, store, trained), "--output", ro / "drafter"],
+        "export": lambda: [
+            "export",
+            "-p",
+            train_params(tmp_path, store, trained),
+            "--output",
+            ro / "drafter",
+        ],
         "evaluate": lambda: ["evaluate", "-S", f"evaluate.output={ro / 'eval.json'}"],
     }[stage]()
     with read_only(ro, monkeypatch):
@@ -432,12 +509,17 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize("where", ["target/lm_head/c", "part-00000/hidden/c"], ids=["head", "shard"])
-def test_full_disk_while_dumping_leaves_a_resumable_store(where, dspark, tiny_llama_dir, prepared_dump, tmp_path,
-                                                         monkeypatch):
+def test_full_disk_while_dumping_leaves_a_resumable_store(
+    where, dspark, tiny_llama_dir, prepared_dump, tmp_path, monkeypatch
+):
     path = tmp_path / "s.zarr"
     full = _FullDisk(monkeypatch, where)
-    refused(dspark(*dump_args(tiny_llama_dir, prepared_dump, path), cwd=tmp_path),
-            "writing the store failed", "No space left on device", "re-run dump to resume")
+    refused(
+        dspark(*dump_args(tiny_llama_dir, prepared_dump, path), cwd=tmp_path),
+        "writing the store failed",
+        "No space left on device",
+        "re-run dump to resume",
+    )
     with pytest.raises(StoreError):  # never marked complete
         open_store(str(path))
     assert not lock_path(str(path), "part-00000").exists()
@@ -460,12 +542,19 @@ def test_full_disk_while_saving_a_checkpoint_leaves_a_resumable_run(dspark, stor
 
     params = train_params(tmp_path, store, tmp_path / "run", save_every=1)
     monkeypatch.setattr(torch, "save", save)
-    refused(dspark("train", "-p", params), "writing the checkpoint of step 2 failed", "unexpected pos",
-            "re-run with --resume to continue from step-00000001")
+    refused(
+        dspark("train", "-p", params),
+        "writing the checkpoint of step 2 failed",
+        "unexpected pos",
+        "re-run with --resume to continue from step-00000001",
+    )
     monkeypatch.setattr(torch, "save", real_save)
     assert not (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").exists()
     r = ok(dspark("train", "-p", params, "--resume"))
-    assert "resumed from" in r.err + r.out and (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").exists()
+    assert (
+        "resumed from" in r.err + r.out
+        and (tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").exists()
+    )
 
 
 # =============================================================================================
@@ -478,22 +567,64 @@ def test_evaluate_drafter_of_another_target_size(dspark, tiny_qwen3_dir, eval_in
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
     other = tmp_path / "other_target"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    ).save_pretrained(other)
     tok.save_pretrained(other)
     drafter, prepared = eval_inputs  # a drafter for H=64, 4 layers
-    refused(dspark("evaluate", "--drafter", drafter, "-S", f"target.path={other}", "-S", f"prepare.output={prepared}",
-                   "-S", f"evaluate.output={tmp_path / 'e.json'}", cwd=tmp_path),
-            "hidden_size=64 but the target has 32")
+    refused(
+        dspark(
+            "evaluate",
+            "--drafter",
+            drafter,
+            "-S",
+            f"target.path={other}",
+            "-S",
+            f"prepare.output={prepared}",
+            "-S",
+            f"evaluate.output={tmp_path / 'e.json'}",
+            cwd=tmp_path,
+        ),
+        "hidden_size=64 but the target has 32",
+    )
 
 
-def test_evaluate_with_fewer_prompts_than_asked_says_so_prominently(dspark, tiny_qwen3_dir, eval_inputs, tmp_path):
+def test_evaluate_with_fewer_prompts_than_asked_says_so_prominently(
+    dspark, tiny_qwen3_dir, eval_inputs, tmp_path
+):
     drafter, prepared = eval_inputs
-    r = ok(dspark("evaluate", "--drafter", drafter, "--num-prompts", 50, "-S", f"target.path={tiny_qwen3_dir}",
-                  "-S", f"prepare.output={prepared}", "-S", "evaluate.max_new_tokens=4",
-                  "-S", "evaluate.bootstrap_resamples=10", "-S", f"evaluate.output={tmp_path / 'e.json'}",
-                  "-S", f"evaluate.per_slot_output={tmp_path / 's.tsv'}",
-                  "-S", f"evaluate.per_prompt_output={tmp_path / 'p.tsv'}", cwd=tmp_path))
+    r = ok(
+        dspark(
+            "evaluate",
+            "--drafter",
+            drafter,
+            "--num-prompts",
+            50,
+            "-S",
+            f"target.path={tiny_qwen3_dir}",
+            "-S",
+            f"prepare.output={prepared}",
+            "-S",
+            "evaluate.max_new_tokens=4",
+            "-S",
+            "evaluate.bootstrap_resamples=10",
+            "-S",
+            f"evaluate.output={tmp_path / 'e.json'}",
+            "-S",
+            f"evaluate.per_slot_output={tmp_path / 's.tsv'}",
+            "-S",
+            f"evaluate.per_prompt_output={tmp_path / 'p.tsv'}",
+            cwd=tmp_path,
+        )
+    )
     metrics = json.loads((tmp_path / "e.json").read_text())
     assert next(iter(metrics)) == "warnings" and "evaluate.num_prompts=50" in metrics["warnings"][0]
     assert metrics["prompts_shortfall"] == 48
@@ -501,19 +632,46 @@ def test_evaluate_with_fewer_prompts_than_asked_says_so_prominently(dspark, tiny
 
 
 def test_resume_after_changing_the_drafter_architecture(dspark, trained, tmp_path):
-    out, params = copy_run(trained, tmp_path)
-    line = refused(dspark("train", "-p", params, "--resume", "--max-steps", 4, "-S", "draft.num_layers=2",
-                          "--allow-param-change"),
-                   "drafter architecture differs", "num_layers: 1 -> 2")
+    _, params = copy_run(trained, tmp_path)
+    line = refused(
+        dspark(
+            "train",
+            "-p",
+            params,
+            "--resume",
+            "--max-steps",
+            4,
+            "-S",
+            "draft.num_layers=2",
+            "--allow-param-change",
+        ),
+        "drafter architecture differs",
+        "num_layers: 1 -> 2",
+    )
     assert "Traceback" not in line
 
 
 def test_resume_with_changed_learning_rate_needs_the_flag(dspark, trained, tmp_path):
     out, params = copy_run(trained, tmp_path)
-    refused(dspark("train", "-p", params, "--resume", "--max-steps", 3, "-S", "train.learning_rate=0.01"),
-            "train.learning_rate: 0.003 -> 0.01", "train.max_steps: 2 -> 3", "--allow-param-change")
-    r = ok(dspark("train", "-p", params, "--resume", "--max-steps", 3, "-S", "train.learning_rate=0.01",
-                  "--allow-param-change"))
+    refused(
+        dspark("train", "-p", params, "--resume", "--max-steps", 3, "-S", "train.learning_rate=0.01"),
+        "train.learning_rate: 0.003 -> 0.01",
+        "train.max_steps: 2 -> 3",
+        "--allow-param-change",
+    )
+    r = ok(
+        dspark(
+            "train",
+            "-p",
+            params,
+            "--resume",
+            "--max-steps",
+            3,
+            "-S",
+            "train.learning_rate=0.01",
+            "--allow-param-change",
+        )
+    )
     assert "resuming with changed params" in r.err + r.out
     assert (out / "checkpoints" / "step-00000003" / "meta.json").is_file()
 
@@ -529,25 +687,45 @@ def test_partial_store_needs_the_flag(damage, dspark, tmp_path):
         meta["attributes"]["dspark_offline_part"].update(complete=False, status="writing", shards_done=[])
         (part / "zarr.json").write_text(json.dumps(meta))
     params = train_params(tmp_path, store, tmp_path / "run")
-    refused(dspark("train", "-p", params), "1 of 2 parts missing or unfinished", "part-00001",
-            "--allow-partial-store", "6 of the 12 samples")
+    refused(
+        dspark("train", "-p", params),
+        "1 of 2 parts missing or unfinished",
+        "part-00001",
+        "--allow-partial-store",
+        "6 of the 12 samples",
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
     r = ok(dspark("train", "-p", params, "--allow-partial-store"))
     assert "training on 1 of 2 parts" in r.err + r.out
 
 
 def test_train_on_a_missing_store(dspark, tmp_path):
-    refused(dspark("train", "-p", train_params(tmp_path, tmp_path / "nowhere.zarr", tmp_path / "run")),
-            "no feature store there")
+    refused(
+        dspark("train", "-p", train_params(tmp_path, tmp_path / "nowhere.zarr", tmp_path / "run")),
+        "no feature store there",
+    )
 
 
 def test_export_without_a_checkpoint(dspark, store, tmp_path):
-    refused(dspark("export", "-p", train_params(tmp_path, store, tmp_path / "empty")), "no complete checkpoint")
+    refused(
+        dspark("export", "-p", train_params(tmp_path, store, tmp_path / "empty")), "no complete checkpoint"
+    )
 
 
 def test_evaluate_without_a_drafter(dspark, tiny_qwen3_dir, tmp_path):
-    refused(dspark("evaluate", "--drafter", tmp_path / "none", "-S", f"target.path={tiny_qwen3_dir}",
-                   "-S", f"evaluate.output={tmp_path / 'e.json'}", cwd=tmp_path), "no config.json")
+    refused(
+        dspark(
+            "evaluate",
+            "--drafter",
+            tmp_path / "none",
+            "-S",
+            f"target.path={tiny_qwen3_dir}",
+            "-S",
+            f"evaluate.output={tmp_path / 'e.json'}",
+            cwd=tmp_path,
+        ),
+        "no config.json",
+    )
 
 
 _HOLDER = """
@@ -560,15 +738,19 @@ time.sleep(120)
 """
 
 
-def test_concurrent_dump_of_one_part_stops_and_a_killed_holder_does_not_block(dspark, tiny_llama_dir, prepared_dump,
-                                                                            tmp_path):
+def test_concurrent_dump_of_one_part_stops_and_a_killed_holder_does_not_block(
+    dspark, tiny_llama_dir, prepared_dump, tmp_path
+):
     path = tmp_path / "s.zarr"
     lock = lock_path(str(path), "part-00000")
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        refused(dspark(*dump_args(tiny_llama_dir, prepared_dump, path), cwd=tmp_path),
-                "part-00000 is being written by another dump", f"pid {holder.pid}")
+        refused(
+            dspark(*dump_args(tiny_llama_dir, prepared_dump, path), cwd=tmp_path),
+            "part-00000 is being written by another dump",
+            f"pid {holder.pid}",
+        )
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding the lock: the file stays, stale
         holder.wait()

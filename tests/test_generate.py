@@ -37,21 +37,29 @@ QUESTIONS = [
 
 def _sample(tok, question: str, answer: str = "Fine.") -> tuple[np.ndarray, np.ndarray]:
     """A prepared sample: ChatML prompt (mask 0) + answer and <|im_end|> (mask 1)."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                     return_dict=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+    )
     reply = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    return (np.array(prompt + reply, dtype=np.int32),
-            np.array([0] * len(prompt) + [1] * len(reply), dtype=np.uint8))
+    return (
+        np.array(prompt + reply, dtype=np.int32),
+        np.array([0] * len(prompt) + [1] * len(reply), dtype=np.uint8),
+    )
 
 
 def make_prepared(out: Path, tok, train: list[tuple], num_eval: int = 2, max_length: int = 256) -> Path:
     evals = [_sample(tok, q, "Okay.") for q in QUESTIONS[:num_eval]]
     n = len(train)
     splits = {
-        "train": SplitArrays.from_samples([i for i, _ in train], [m for _, m in train], list(range(n)),
-                                          [f"t{k}" for k in range(n)]),
-        "eval": SplitArrays.from_samples([i for i, _ in evals], [m for _, m in evals],
-                                         list(range(n, n + len(evals))), [f"e{k}" for k in range(len(evals))]),
+        "train": SplitArrays.from_samples(
+            [i for i, _ in train], [m for _, m in train], list(range(n)), [f"t{k}" for k in range(n)]
+        ),
+        "eval": SplitArrays.from_samples(
+            [i for i, _ in evals],
+            [m for _, m in evals],
+            list(range(n, n + len(evals))),
+            [f"e{k}" for k in range(len(evals))],
+        ),
     }
     write_prepared(out, splits, {"source": "test", "max_length": max_length}, {})
     return out
@@ -60,11 +68,13 @@ def make_prepared(out: Path, tok, train: list[tuple], num_eval: int = 2, max_len
 def gen_params(target_dir, prepared, output, max_length: int = 256, **generate) -> Params:
     cfg = {"enabled": True, "output": str(output), "max_new_tokens": 10, "batch_size": 3, "chunk_samples": 4}
     cfg.update(generate)
-    return Params.model_validate({
-        "target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
-        "prepare": {"output": str(prepared), "max_length": max_length},
-        "generate": cfg,
-    })
+    return Params.model_validate(
+        {
+            "target": {"path": str(target_dir), "dtype": "float32", "device": "cpu"},
+            "prepare": {"output": str(prepared), "max_length": max_length},
+            "generate": cfg,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,13 @@ def model(chatty_llama_dir):
 
 
 def _prompts(tok) -> list[torch.Tensor]:
-    return [torch.tensor(_sample(tok, q)[0][: -len(tok("Fine.<|im_end|>", add_special_tokens=False)["input_ids"])],
-                         dtype=torch.int64) for q in QUESTIONS]
+    return [
+        torch.tensor(
+            _sample(tok, q)[0][: -len(tok("Fine.<|im_end|>", add_special_tokens=False)["input_ids"])],
+            dtype=torch.int64,
+        )
+        for q in QUESTIONS
+    ]
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -124,7 +139,9 @@ def test_end_of_turn_is_found_from_the_template(tok):
 # --- the stage ------------------------------------------------------------------------------
 
 
-def test_generated_samples_are_prompt_plus_answer_with_the_answer_supervised(chatty_llama_dir, tok, model, tmp_path):
+def test_generated_samples_are_prompt_plus_answer_with_the_answer_supervised(
+    chatty_llama_dir, tok, model, tmp_path
+):
     train = [_sample(tok, q, "An answer written by someone else.") for q in QUESTIONS]
     prepared = make_prepared(tmp_path / "prep", tok, train)
     out = run(gen_params(chatty_llama_dir, prepared, tmp_path / "gen"))
@@ -135,12 +152,17 @@ def test_generated_samples_are_prompt_plus_answer_with_the_answer_supervised(cha
         s_ids, s_mask = src[i]
         p = int(np.flatnonzero(s_mask)[0])  # first-turn prompt = up to the first supervised token
         assert np.array_equal(ids[:p], s_ids[:p]) and not mask[:p].any() and mask[p:].all()
-        assert list(ids[p:]) == target_decode(model, torch.from_numpy(s_ids[:p].astype(np.int64)), 10, frozenset({2}))
+        assert list(ids[p:]) == target_decode(
+            model, torch.from_numpy(s_ids[:p].astype(np.int64)), 10, frozenset({2})
+        )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["generated"]["source"]["fingerprint"] == src.fingerprint
     assert meta["generated"]["params"]["max_new_tokens"] == 10
     report = json.loads((out / "report.json").read_text())
-    assert report["samples"] == len(QUESTIONS) and report["stop_reasons"]["max_new_tokens"] == report["truncated"]
+    assert (
+        report["samples"] == len(QUESTIONS)
+        and report["stop_reasons"]["max_new_tokens"] == report["truncated"]
+    )
     assert not (tmp_path / "gen.partial").exists()  # chunks are removed once the output is complete
 
 
@@ -201,13 +223,18 @@ def test_bad_prompts_and_capped_answers_are_counted_not_fatal(chatty_llama_dir, 
     train = [good, no_sup, long_q, starts_sup, _sample(tok, QUESTIONS[1])]
     max_length = len(good[0]) + 4  # room for 4 answer tokens after the short prompts
     prepared = make_prepared(tmp_path / "prep", tok, train, max_length=max_length)
-    out = run(gen_params(chatty_llama_dir, prepared, tmp_path / "gen", max_length=max_length, max_new_tokens=30))
+    out = run(
+        gen_params(chatty_llama_dir, prepared, tmp_path / "gen", max_length=max_length, max_new_tokens=30)
+    )
     gen = PreparedSplit.load(out, "train")
     assert list(gen.sample_ids) == [0, 4]
     assert all(len(gen[i][0]) <= max_length for i in range(len(gen)))
     report = json.loads((out / "report.json").read_text())
     assert report["skipped"]["sample_ids"] == {
-        "no_supervised_token": [1], "empty_prompt": [3], "prompt_too_long": [2]}
+        "no_supervised_token": [1],
+        "empty_prompt": [3],
+        "prompt_too_long": [2],
+    }
     assert report["stop_reasons"]["max_length"] + report["stop_reasons"]["eos"] == 2
     assert report["truncated"] == report["stop_reasons"]["max_length"]
 
@@ -226,7 +253,9 @@ def same_files(a: Path, b: Path) -> None:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
-def test_resume_uses_saved_chunks_and_discards_other_params(chatty_llama_dir, tok, tmp_path, monkeypatch, capsys):
+def test_resume_uses_saved_chunks_and_discards_other_params(
+    chatty_llama_dir, tok, tmp_path, monkeypatch, capsys
+):
     from dspark_offline.generate import runner
 
     prepared = make_prepared(tmp_path / "prep", tok, [_sample(tok, q) for q in QUESTIONS])
@@ -271,7 +300,11 @@ def test_disabled_writes_a_marker_and_dump_reads_prepare_output(chatty_llama_dir
     dump_cfg = {"layer_ids": [0, 2], "top_k": 4, "shard_tokens": 256, "chunk_tokens": 16, "batch_tokens": 512}
     for enabled in (False, True):
         p = gen_params(chatty_llama_dir, prepared, tmp_path / "gen", enabled=enabled, max_new_tokens=4)
-        p = p.model_copy(update={"dump": p.dump.model_copy(update={**dump_cfg, "store": str(tmp_path / f"{enabled}.zarr")})})
+        p = p.model_copy(
+            update={
+                "dump": p.dump.model_copy(update={**dump_cfg, "store": str(tmp_path / f"{enabled}.zarr")})
+            }
+        )
         out = run(p)
         if not enabled:
             assert sorted(x.name for x in out.iterdir()) == [DISABLED_MARKER]

@@ -37,14 +37,25 @@ def test_sigkill_then_resume_equals_uninterrupted(chatty_llama_dir, tmp_path, te
     tok = AutoTokenizer.from_pretrained(chatty_llama_dir)
     train = [_sample(tok, f"{q} ({k})") for k in range(3) for q in QUESTIONS]  # 21 prompts
     prepared = make_prepared(tmp_path / "prep", tok, train)
-    settings = dict(max_new_tokens=8, batch_size=2, chunk_samples=4, temperature=temperature, top_p=0.9, seed=7)
+    settings = {
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "chunk_samples": 4,
+        "temperature": temperature,
+        "top_p": 0.9,
+        "seed": 7,
+    }
     full = run(gen_params(chatty_llama_dir, prepared, tmp_path / "full", **settings))
 
     killed = gen_params(chatty_llama_dir, prepared, tmp_path / "killed", **settings)
     partial = tmp_path / "killed.partial"
     env = dict(os.environ, OMP_NUM_THREADS="1", SLOW_BATCH_S="0.4")
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, killed.model_dump_json()], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, killed.model_dump_json()],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while not list(partial.glob("chunk-*.npz")):
         assert proc.poll() is None, f"worker exited early: {proc.stderr.read().decode()[-2000:]}"

@@ -69,8 +69,14 @@ def store(pristine, tmp_path) -> Path:
 
 
 # Two optimizer steps of a tiny drafter, saved at the end: enough to exercise every check.
-TINY_TRAIN = {"max_steps": 2, "micro_batch_size": 2, "num_anchors": 8, "save_every": 2, "dtype": "float32",
-              "warmup_ratio": 0.0}
+TINY_TRAIN = {
+    "max_steps": 2,
+    "micro_batch_size": 2,
+    "num_anchors": 8,
+    "save_every": 2,
+    "dtype": "float32",
+    "warmup_ratio": 0.0,
+}
 
 
 def train_params(store: Path, out: Path, **over) -> Path:

@@ -87,7 +87,9 @@ def test_rank_writes_its_parts_from_the_environment(tiny_llama_dir, make_prepare
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.slow
@@ -102,7 +104,9 @@ def test_torchrun_dump_equals_two_part_dump_by_hand(tiny_llama_dir, make_prepare
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cli = [sys.executable, "-m", "dspark_offline.cli", "dump"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    procs = [_run([*torchrun, "-m", "dspark_offline.cli", "dump", "-p", str(files["torchrun"])], tmp_path, env)]
+    procs = [
+        _run([*torchrun, "-m", "dspark_offline.cli", "dump", "-p", str(files["torchrun"])], tmp_path, env)
+    ]
     procs += [
         _run([*cli, "-p", str(files["hand"]), "--num-parts", "2", "--part-index", str(p)], tmp_path, env)
         for p in (0, 1)
@@ -110,7 +114,10 @@ def test_torchrun_dump_equals_two_part_dump_by_hand(tiny_llama_dir, make_prepare
     for p in procs:
         out = p.communicate(timeout=600)[0]
         assert p.returncode == 0, out[-4000:]
-    a, b = zarr.open_group(str(tmp_path / "torchrun.zarr"), mode="r"), zarr.open_group(str(tmp_path / "hand.zarr"))
+    a, b = (
+        zarr.open_group(str(tmp_path / "torchrun.zarr"), mode="r"),
+        zarr.open_group(str(tmp_path / "hand.zarr")),
+    )
     assert a.attrs["dspark_offline"]["num_parts"] == b.attrs["dspark_offline"]["num_parts"] == 2
     for group in ("target", "part-00000", "part-00001"):
         names = sorted(n for n, _ in b[group].arrays())

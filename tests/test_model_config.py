@@ -12,10 +12,20 @@ from dspark_offline.model import DraftConfigError, DraftModelConfig
 
 def manifest(**target_overrides):
     target = {
-        "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "intermediate_size": 1536, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "vocab_size": 49152,
-        "max_position_embeddings": 8192, "architecture": "LlamaForCausalLM", "mask_token_id": None,
-        "tokenizer_size": 49152, "special_tokens": {"<|endoftext|>": 0, "<|im_start|>": 1, "<repo_name>": 4},
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "architecture": "LlamaForCausalLM",
+        "mask_token_id": None,
+        "tokenizer_size": 49152,
+        "special_tokens": {"<|endoftext|>": 0, "<|im_start|>": 1, "<repo_name>": 4},
     }
     target.update(target_overrides)
     return SimpleNamespace(target=SimpleNamespace(**target), layer_ids=[1, 7, 13, 19, 26])
@@ -23,15 +33,23 @@ def manifest(**target_overrides):
 
 def test_dims_from_manifest():
     cfg = DraftModelConfig.from_manifest(manifest(), DraftConfig(mask_token="<repo_name>", num_layers=2))
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (576, 9, 3, 64)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        576,
+        9,
+        3,
+        64,
+    )
     assert cfg.intermediate_size == 1536 and cfg.vocab_size == 49152 and cfg.rope_theta == 100000.0
     assert cfg.num_layers == 2 and cfg.block_size == 7 and cfg.markov_rank == 256
     assert cfg.num_target_layers == 30 and cfg.num_context_layers == 5
     assert cfg.target_layer_ids == (1, 7, 13, 19, 26)
     assert cfg.mask_token_id == 4
-    assert DraftModelConfig.from_manifest(
-        manifest(), DraftConfig(mask_token_id=3, intermediate_size=100)
-    ).intermediate_size == 100
+    assert (
+        DraftModelConfig.from_manifest(
+            manifest(), DraftConfig(mask_token_id=3, intermediate_size=100)
+        ).intermediate_size
+        == 100
+    )
 
 
 @pytest.mark.parametrize(

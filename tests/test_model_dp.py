@@ -1,7 +1,8 @@
 """Data-parallel normalisation (DESIGN §4 item 9): 1 process with batch 2b == 2 processes with b.
 
-Each of two gloo processes computes the loss on its half of the batch (`train.step.pooled_loss`); averaging their
-gradients (what DeepSpeed does) must equal the single-process gradient of the whole batch.
+Each of two gloo processes computes the loss on its half of the batch (`train.step.pooled_loss`);
+averaging their gradients (what DeepSpeed does) must equal the single-process gradient of the whole
+batch.
 """
 
 from __future__ import annotations
@@ -26,9 +27,21 @@ from dspark_offline.model import (
 from dspark_offline.train.step import pooled_loss
 
 DIMS = {
-    "hidden_size": 16, "num_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 24,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": 41, "num_target_layers": 4,
-    "target_layer_ids": (0, 2), "block_size": 3, "markov_rank": 4, "mask_token_id": 40,
+    "hidden_size": 16,
+    "num_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+    "intermediate_size": 24,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+    "vocab_size": 41,
+    "num_target_layers": 4,
+    "target_layer_ids": (0, 2),
+    "block_size": 3,
+    "markov_rank": 4,
+    "mask_token_id": 40,
 }
 
 
@@ -48,9 +61,14 @@ def _batch():
     mask[1, 8:14] = True  # very different token counts per row: a per-rank mean would be wrong
     probs = torch.softmax(torch.randn(bt, s, 41, generator=g), -1)
     tp, ti = probs.topk(k, -1)
-    batch = {"input_ids": torch.randint(0, 40, (bt, s), generator=g), "loss_mask": mask,
-                 "lengths": torch.tensor([20, 16]), "hidden": torch.randn(bt, s, 2, 16, generator=g),
-                 "topk_ids": ti, "topk_probs": tp}
+    batch = {
+        "input_ids": torch.randint(0, 40, (bt, s), generator=g),
+        "loss_mask": mask,
+        "lengths": torch.tensor([20, 16]),
+        "hidden": torch.randn(bt, s, 2, 16, generator=g),
+        "topk_ids": ti,
+        "topk_probs": tp,
+    }
     anchors, keep = sample_anchors(mask, batch["lengths"], 6, torch.Generator().manual_seed(3))
     return batch, anchors, keep
 

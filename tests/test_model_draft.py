@@ -23,7 +23,11 @@ def test_backbone_equals_hf_qwen3_layers_without_context(make_tiny_draft, tmp_pa
     hf_cfg = AutoConfig.from_pretrained(tmp_path)
     hf_cfg._attn_implementation = "sdpa"
     hf = Qwen3Model(hf_cfg).eval()
-    ours = {k: v for k, v in load_file(str(tmp_path / "model.safetensors")).items() if k.startswith(("layers.", "norm."))}
+    ours = {
+        k: v
+        for k, v in load_file(str(tmp_path / "model.safetensors")).items()
+        if k.startswith(("layers.", "norm."))
+    }
     missing, unexpected = hf.load_state_dict(ours, strict=False)
     assert not unexpected and set(missing) == {"embed_tokens.weight"}
     for layer in hf.layers:
@@ -61,7 +65,11 @@ def test_missing_target_head_is_a_clear_error(make_tiny_draft):
 
     bare = DSparkDraft(make_tiny_draft().cfg)
     with pytest.raises(RuntimeError, match="set_target_head"):
-        bare(torch.zeros(1, 8, dtype=torch.long), torch.randn(1, 8, 2, 32), torch.tensor([[1]]),
-             torch.ones(1, 1, dtype=torch.bool))
+        bare(
+            torch.zeros(1, 8, dtype=torch.long),
+            torch.randn(1, 8, 2, 32),
+            torch.tensor([[1]]),
+            torch.ones(1, 1, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="embed_tokens"):
         bare.set_target_head(torch.zeros(10, 32), torch.zeros(97, 32))

@@ -22,8 +22,9 @@ def loss_cfg(**over) -> LossConfig:
     return LossConfig.from_train(TrainConfig(**over))
 
 
-def objective(model, batch, anchors, keep, cfg: LossConfig | None = None, **over
-              ) -> tuple[torch.Tensor, dict]:
+def objective(
+    model, batch, anchors, keep, cfg: LossConfig | None = None, **over
+) -> tuple[torch.Tensor, dict]:
     """(loss, metrics) of a batch as one training process gets them: forward, targets, the
     objective's sums, normalised by their weight; metrics plus the sums' Σw as "weight"."""
     cfg = cfg or loss_cfg(**over)
@@ -46,7 +47,14 @@ def make_batch(model, bt=2, s=24, k=6, seed=0, final_hidden=True):
     fh = torch.randn(bt, s, cfg.hidden_size, generator=g)
     probs = torch.softmax((fh @ model.lm_head_weight.T).float(), dim=-1)  # [bt, s, V]
     tp, ti = probs.topk(k, dim=-1)
-    batch = {"input_ids": ids, "loss_mask": mask, "lengths": lengths, "hidden": hidden, "topk_ids": ti, "topk_probs": tp}
+    batch = {
+        "input_ids": ids,
+        "loss_mask": mask,
+        "lengths": lengths,
+        "hidden": hidden,
+        "topk_ids": ti,
+        "topk_probs": tp,
+    }
     if final_hidden:
         batch["final_hidden"] = fh
     return batch
@@ -75,7 +83,9 @@ def test_labels_eval_mask_weights_hand_example():
 
 def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     model = make_tiny_draft()
-    batch = make_batch(model)  # fp32 top-k of softmax(final_hidden @ lm_head.T): the default mode is exact here
+    batch = make_batch(
+        model
+    )  # fp32 top-k of softmax(final_hidden @ lm_head.T): the default mode is exact here
     anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
     loss, met = objective(model, batch, anchors, keep)
     assert loss_cfg().l1_mode == "recompute"
@@ -108,7 +118,9 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
                     p = torch.softmax(model.lm_head_weight @ batch["final_hidden"][r, a + j], -1)
                     d = float((q - p).abs().sum())
                     l1 += w * d
-                    l1_topk += w * float((q[ti] - tp).abs().sum() + ((1 - q[ti].sum()) - (1 - tp.sum())).abs())
+                    l1_topk += w * float(
+                        (q[ti] - tp).abs().sum() + ((1 - q[ti].sum()) - (1 - tp.sum())).abs()
+                    )
                     c = model.confidence_head.proj(torch.cat([h, model.markov_head.markov_w1.weight[prev]]))
                     t = min(max(1 - d / 2, 0), 1)
                     bce += w * float(F.binary_cross_entropy_with_logits(c, torch.tensor([t])))
@@ -136,7 +148,9 @@ def test_loss_is_weighted_combination_and_matches_reference(make_tiny_draft):
     assert float(weight.sum()) == pytest.approx(wsum, rel=1e-5)
     assert float((target * weight).sum()) == pytest.approx(tsum, rel=1e-4)
     with torch.no_grad():
-        ex_bce = F.binary_cross_entropy_with_logits(model.confidence_logits(h, prev), target, reduction="none")
+        ex_bce = F.binary_cross_entropy_with_logits(
+            model.confidence_logits(h, prev), target, reduction="none"
+        )
     assert float((ex_bce * weight).sum()) == pytest.approx(bce, rel=1e-4)
     assert 1.0 <= met["tau_probabilistic"] <= 1.0 + model.cfg.block_size
     assert {f"acc_slot{j}" for j in range(4)} <= met.keys() and 0 <= met["acc"] <= 1
@@ -152,7 +166,9 @@ def test_confidence_skill_scores_against_the_best_constant():
     mean = float(t.mean())
     excess_of = lambda logits: float(F.binary_cross_entropy_with_logits(logits, t)) - floor
     assert confidence_skill(excess_of(torch.logit(t)), mean, floor) == pytest.approx(1.0, abs=1e-5)  # perfect
-    assert confidence_skill(excess_of(torch.logit(torch.full((3,), mean))), mean, floor) == pytest.approx(0.0, abs=1e-5)
+    assert confidence_skill(excess_of(torch.logit(torch.full((3,), mean))), mean, floor) == pytest.approx(
+        0.0, abs=1e-5
+    )
     assert confidence_skill(excess_of(torch.full((3,), -4.0)), mean, floor) < 0  # worse than the constant
     assert math.isnan(confidence_skill(0.0, 0.3, entropy(0.3)))  # targets that do not vary: undefined
 
@@ -164,9 +180,17 @@ def test_gradients_reach_trainable_parts_only(make_tiny_draft):
     loss, _ = objective(model, batch, anchors, keep)
     loss.backward()
     names = dict(model.named_parameters())
-    for name in ("fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
-                 "layers.1.mlp.down_proj.weight", "markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
-                 "confidence_head.proj.weight", "confidence_head.proj.bias"):
+    for name in (
+        "fc.weight",
+        "hidden_norm.weight",
+        "norm.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "markov_head.markov_w1.weight",
+        "markov_head.markov_w2.weight",
+        "confidence_head.proj.weight",
+        "confidence_head.proj.bias",
+    ):
         assert names[name].grad is not None and names[name].grad.abs().sum() > 0, name
     assert not any("embed" in n or "lm_head" in n for n in names)
     assert not model.embed_weight.requires_grad and model.embed_weight.grad is None
@@ -218,8 +242,9 @@ def test_capped_l1_lies_between_topk_bound_and_exact():
             assert low - 1e-6 <= capped <= exact + 1e-6 <= upper + 2e-6, (trial, k, low, capped, exact, upper)
             gained = max(gained, capped - low)
         tp, ti = p.topk(v)
-        assert float(capped_topk_l1(q[None, None], q[ti][None, None], tp[None, None])[0, 0]) == \
-            pytest.approx(exact, abs=1e-5)
+        assert float(capped_topk_l1(q[None, None], q[ti][None, None], tp[None, None])[0, 0]) == pytest.approx(
+            exact, abs=1e-5
+        )
     assert gained > 0.1  # not the old bound under another name
 
 
@@ -303,7 +328,9 @@ def test_recompute_gradients_are_the_exact_ones_and_reach_only_the_drafter(make_
         batch = make_batch(model, k=3, final_hidden=True)
         batch["final_hidden"].requires_grad_(True)
         batch["topk_probs"].requires_grad_(True)
-        anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+        anchors, keep = sample_anchors(
+            batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0)
+        )
         loss, _ = objective(model, batch, anchors, keep, l1_mode=mode, ce_weight=0.0, confidence_weight=0.0)
         loss.backward()
         assert batch["final_hidden"].grad is None and batch["topk_probs"].grad is None, mode
@@ -346,7 +373,9 @@ def test_chunked_equals_unchunked(make_tiny_draft, mode):
     for chunk in (1, 3, 10_000):
         model = make_tiny_draft()
         batch = make_batch(model, final_hidden=True)
-        anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0))
+        anchors, keep = sample_anchors(
+            batch["loss_mask"], batch["lengths"], 8, torch.Generator().manual_seed(0)
+        )
         loss, _ = objective(model, batch, anchors, keep, chunk_blocks=chunk, l1_mode=mode)
         loss.backward()
         losses.append(loss.item())
@@ -438,8 +467,9 @@ def test_tau_greedy_counts_leading_top1_matches(make_tiny_draft):
     assert 1.0 <= m["tau_greedy"] <= 1.0 + model.cfg.block_size
     with torch.no_grad():
         out = model(batch["input_ids"], batch["hidden"], anchors, keep)
-        t = slot_grid(batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep,
-                      model.cfg.block_size, 4.0)
+        t = slot_grid(
+            batch["input_ids"], batch["loss_mask"], batch["lengths"], anchors, keep, model.cfg.block_size, 4.0
+        )
         guess = model.block_logits(out.hidden, t.prev).argmax(-1)  # [Bt, A, B]
     oracle = dict(batch)
     oracle["topk_ids"] = batch["topk_ids"].clone()

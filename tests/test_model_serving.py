@@ -12,19 +12,46 @@ from safetensors.torch import load_file
 from dspark_offline.model import ServingFormatError, load_serving, save_serving
 
 QWEN3_DIMS = {
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "hidden_act", "rms_norm_eps", "rope_theta", "rope_parameters",
-    "max_position_embeddings", "vocab_size", "attention_bias", "tie_word_embeddings", "layer_types", "dtype",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "max_position_embeddings",
+    "vocab_size",
+    "attention_bias",
+    "tie_word_embeddings",
+    "layer_types",
+    "dtype",
 }
 DSPARK_KEYS = {
-    "architectures", "model_type", "block_size", "num_target_layers", "dflash_config", "markov_rank",
-    "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+    "architectures",
+    "model_type",
+    "block_size",
+    "num_target_layers",
+    "dflash_config",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
 }
 LAYER_TENSORS = {
-    "input_layernorm.weight": (32,), "post_attention_layernorm.weight": (32,),
-    "self_attn.q_proj.weight": (32, 32), "self_attn.k_proj.weight": (16, 32), "self_attn.v_proj.weight": (16, 32),
-    "self_attn.o_proj.weight": (32, 32), "self_attn.q_norm.weight": (8,), "self_attn.k_norm.weight": (8,),
-    "mlp.gate_proj.weight": (48, 32), "mlp.up_proj.weight": (48, 32), "mlp.down_proj.weight": (32, 48),
+    "input_layernorm.weight": (32,),
+    "post_attention_layernorm.weight": (32,),
+    "self_attn.q_proj.weight": (32, 32),
+    "self_attn.k_proj.weight": (16, 32),
+    "self_attn.v_proj.weight": (16, 32),
+    "self_attn.o_proj.weight": (32, 32),
+    "self_attn.q_norm.weight": (8,),
+    "self_attn.k_norm.weight": (8,),
+    "mlp.gate_proj.weight": (48, 32),
+    "mlp.up_proj.weight": (48, 32),
+    "mlp.down_proj.weight": (32, 48),
 }
 
 
@@ -33,9 +60,14 @@ def expected_tensors(num_layers=2, markov=True, confidence=True):
     for i in range(num_layers):
         want.update({f"layers.{i}.{k}": v for k, v in LAYER_TENSORS.items()})
     if markov:
-        want.update({"markov_head.markov_w1.weight": (97, 8), "markov_head.markov_w2.weight": (97, 8),
-                     "confidence_head.proj.weight": (1, 32 + 8 if confidence else 32),
-                     "confidence_head.proj.bias": (1,)})
+        want.update(
+            {
+                "markov_head.markov_w1.weight": (97, 8),
+                "markov_head.markov_w2.weight": (97, 8),
+                "confidence_head.proj.weight": (1, 32 + 8 if confidence else 32),
+                "confidence_head.proj.bias": (1,),
+            }
+        )
     return want
 
 
@@ -90,7 +122,10 @@ def test_disabled_heads_export_for_sglang(make_tiny_draft, tmp_path):
     t = load_file(str(tmp_path / "noconf" / "model.safetensors"))
     assert conf["enable_confidence_head"] is False and conf["confidence_head_with_markov"] is False
     assert {k: tuple(v.shape) for k, v in t.items()} == expected_tensors(confidence=False)
-    assert torch.sigmoid(t["confidence_head.proj.bias"]).item() > 0.999 and not t["confidence_head.proj.weight"].any()
+    assert (
+        torch.sigmoid(t["confidence_head.proj.bias"]).item() > 0.999
+        and not t["confidence_head.proj.weight"].any()
+    )
     # Markov off = DFlash baseline: SGLang's DSpark refuses markov_rank 0 -> a DFlash export
     save_serving(make_tiny_draft(markov_head=False, confidence_head=False), tmp_path / "dflash")
     conf = json.loads((tmp_path / "dflash" / "config.json").read_text())

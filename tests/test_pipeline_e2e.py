@@ -58,7 +58,9 @@ def test_tiny_profile_dvc_repro_then_retrain_from_cached_features(tmp_path):
     metrics = json.loads((repo / "runs/tiny/eval.json").read_text())
     assert metrics["tau"] >= 1.0 and metrics["tau_prompt_lookup"] >= 1.0 and metrics["lossless"] is True
     assert len(metrics["tau_ci95"]) == 2 and metrics["tau_vs_prompt_lookup"] > 0
-    assert len((repo / "runs/tiny/eval_per_prompt.tsv").read_text().splitlines()) == 1 + metrics["num_prompts"]
+    assert (
+        len((repo / "runs/tiny/eval_per_prompt.tsv").read_text().splitlines()) == 1 + metrics["num_prompts"]
+    )
     assert (repo / "runs/tiny/drafter/model.safetensors").exists()
     assert (repo / "runs/tiny/metrics.json").exists()
 

@@ -76,7 +76,9 @@ def test_store_changed_behind_the_records_back_is_refused(tmp_path):
     check_record(store)
     shard = next(f for f in (store / "part-00001" / "topk_ids" / "c").rglob("*") if f.is_file())
     shard.write_bytes(shard.read_bytes()[:-40])  # truncated shard: its index changed
-    with pytest.raises(StoreChangedError, match=r"store changed since the dump.*part-00001 objects_sha256.*remove"):
+    with pytest.raises(
+        StoreChangedError, match=r"store changed since the dump.*part-00001 objects_sha256.*remove"
+    ):
         check_record(store)
 
     shutil.rmtree(store)

@@ -85,28 +85,30 @@ def test_incremental_forward_with_kv_cache(tiny_qwen3_dir):
 def test_hooks_removed_on_exit_and_on_error(tiny_llama_dir):
     model = _load(tiny_llama_dir)
     parts = find_decoder_parts(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture_layers(model, [0, 1]):
-            assert len(parts.layers[0]._forward_hooks) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture_layers(model, [0, 1]):
+        assert len(parts.layers[0]._forward_hooks) == 1
+        raise RuntimeError("boom")
     assert all(len(layer._forward_hooks) == 0 for layer in parts.layers)
     assert len(parts.norm._forward_hooks) == 0
 
 
 def test_stacked_before_forward_is_an_error(tiny_llama_dir):
-    with capture_layers(_load(tiny_llama_dir), [1]) as cap:
-        with pytest.raises(RuntimeError, match=r"layer ids \[1\]"):
-            cap.stacked()
+    with (
+        capture_layers(_load(tiny_llama_dir), [1]) as cap,
+        pytest.raises(RuntimeError, match=r"layer ids \[1\]"),
+    ):
+        cap.stacked()
 
 
 def test_invalid_layer_ids(tiny_llama_dir):
     model = _load(tiny_llama_dir)
-    with pytest.raises(LayerIdError, match=r"\[4\] out of range.*num_hidden_layers=4"):
-        with capture_layers(model, [0, 4]):
-            pass
-    with pytest.raises(LayerIdError, match="duplicates"):
-        with capture_layers(model, [1, 1]):
-            pass
+    with (
+        pytest.raises(LayerIdError, match=r"\[4\] out of range.*num_hidden_layers=4"),
+        capture_layers(model, [0, 4]),
+    ):
+        pass
+    with pytest.raises(LayerIdError, match="duplicates"), capture_layers(model, [1, 1]):
+        pass
 
 
 def test_unsupported_architecture_error():

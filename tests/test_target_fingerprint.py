@@ -41,7 +41,10 @@ def test_tokenizer_hashes(tiny_llama_dir):
     tok_hash, tmpl_hash = tokenizer_hashes(tok)
     assert (tok_hash, tmpl_hash) == tokenizer_hashes(AutoTokenizer.from_pretrained(tiny_llama_dir))
     tok.chat_template = tok.chat_template + "{# changed #}"
-    assert tokenizer_hashes(tok) == (tok_hash, tokenizer_hashes(tok)[1]) and tokenizer_hashes(tok)[1] != tmpl_hash
+    assert (
+        tokenizer_hashes(tok) == (tok_hash, tokenizer_hashes(tok)[1])
+        and tokenizer_hashes(tok)[1] != tmpl_hash
+    )
     tok.add_tokens(["<|brand_new|>"], special_tokens=True)
     assert tokenizer_hashes(tok)[0] != tok_hash
 

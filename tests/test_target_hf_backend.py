@@ -203,4 +203,6 @@ def test_cuda_auto_is_bf16_and_matches_hf(tiny_qwen3_dir):
         assert torch.equal(out.hidden[:, :, pos], ref.hidden_states[i + 1].cpu()), i
     assert torch.equal(out.final_hidden, ref.hidden_states[-1].cpu())
     valid = mask.bool()
-    assert_topk_matches(out.topk_ids[valid], out.topk_probs[valid], ref.logits.cpu()[valid], rtol=3e-2, atol=1e-6)
+    assert_topk_matches(
+        out.topk_ids[valid], out.topk_probs[valid], ref.logits.cpu()[valid], rtol=3e-2, atol=1e-6
+    )

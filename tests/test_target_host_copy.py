@@ -22,7 +22,9 @@ def test_cuda_copies_land_in_pinned_memory_after_wait():
     t.mul_(1)  # more queued work on the main stream: the copy must wait for it
     host = copies.start(t)
     del t  # the copy keeps the source alive on its stream (record_stream) ...
-    junk = torch.full((64, 1024, 1024), 7.0, device="cuda", dtype=torch.bfloat16)  # ... so this cannot clobber it
+    junk = torch.full(
+        (64, 1024, 1024), 7.0, device="cuda", dtype=torch.bfloat16
+    )  # ... so this cannot clobber it
     copies.wait()
     assert host.is_pinned() and host.device.type == "cpu" and host.dtype == torch.bfloat16
     assert torch.equal(host, expected)

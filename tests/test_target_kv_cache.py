@@ -22,8 +22,14 @@ def _steps(model, cache, ids, crop_every=0):
     out = [model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).logits]
     pos = 12
     for i in range(12, ids.shape[1]):
-        out.append(model(input_ids=ids[:, i : i + 1], position_ids=torch.tensor([[pos]] * ids.shape[0]),
-                         past_key_values=cache, use_cache=True).logits)
+        out.append(
+            model(
+                input_ids=ids[:, i : i + 1],
+                position_ids=torch.tensor([[pos]] * ids.shape[0]),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+        )
         pos += 1
         if crop_every and i % crop_every == 0:
             cache.crop(-2)

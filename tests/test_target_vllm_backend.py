@@ -110,7 +110,7 @@ def test_fake_engine_dump_equals_hf_dump_with_unsorted_layer_ids(
     """Unsorted ids (the silent defect: label 3 held layer 0) through the vLLM stacking order;
     every array equals the HF backend's, the manifest names the backend, the spool is gone."""
     prepared = make_prepared(6)
-    over = dict(layer_ids=[3, 0, 2], batch_tokens=1)  # one sample per forward: HF is bit-exact then
+    over = {"layer_ids": [3, 0, 2], "batch_tokens": 1}  # one sample per forward: HF is bit-exact then
     hf = open_store(dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "hf.zarr", **over)))
     params = make_params(tiny_llama_dir, prepared, tmp_path / "vllm.zarr", backend="vllm", **over)
     params.dump.vllm.enforce_eager = True

@@ -42,14 +42,26 @@ def _launch(params, tmp_path, nproc: int) -> None:
     cfg.write_text(params.model_dump_json())
     script = tmp_path / "train_entry.py"
     script.write_text(_SCRIPT)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(script), str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={_free_port()}",
+        str(script),
+        str(cfg),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
 
 
 @pytest.mark.slow
@@ -58,8 +70,14 @@ def test_two_ranks_with_one_sample_equal_one_rank_with_two(tmp_path, monkeypatch
     # Adam's first step is ~lr·g/|g|: where |g| is near eps, float-rounding differences of the
     # pooled gradient (one batched sum vs an all-reduce of two) are amplified up to ~lr·1e-3, so
     # the 1e-6 parameter tolerance needs a modest lr (3e-3 gives one element off by 1.2e-6).
-    kw = {"max_steps": 1, "save_every": 1, "warmup_ratio": 0.0, "num_anchors": 6, "learning_rate": 5e-4,
-          "val_samples": 3}  # 3 held out: rank shares of 2 and 1, pooled
+    kw = {
+        "max_steps": 1,
+        "save_every": 1,
+        "warmup_ratio": 0.0,
+        "num_anchors": 6,
+        "learning_rate": 5e-4,
+        "val_samples": 3,
+    }  # 3 held out: rank shares of 2 and 1, pooled
     one, two = tmp_path / "one", tmp_path / "two"
     monkeypatch.setenv("LOCAL_RANK", "0")
     train_run(make_params(store, one, micro_batch_size=2, **kw))  # in this process: a world of one
@@ -79,6 +97,8 @@ def test_two_ranks_with_one_sample_equal_one_rank_with_two(tmp_path, monkeypatch
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     torch.manual_seed(0)  # train.seed: the loop's initial weights
-    init = DSparkDraft(DraftModelConfig(**checkpoint.read_meta(checkpoint.latest_checkpoint(one))["draft_config"]))
+    init = DSparkDraft(
+        DraftModelConfig(**checkpoint.read_meta(checkpoint.latest_checkpoint(one))["draft_config"])
+    )
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items())
     assert moved > 1e-4  # the step really updated the weights (not a vacuous equality)

@@ -32,28 +32,69 @@ from dspark_offline.train.export import consolidated_state_dict
 from dspark_offline.train.loop import run as train_run
 
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
-TRAIN_KEYS = ("loss", "ce", "l1", "conf", "conf_target", "conf_floor", "conf_excess", "conf_skill", "acc",
-              "tau_probabilistic", "tau_greedy", "outside_vocab", "supervised_tokens", "lr")
-VAL_KEYS = ("loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc", "tau_probabilistic",
-            "tau_greedy")
+TRAIN_KEYS = (
+    "loss",
+    "ce",
+    "l1",
+    "conf",
+    "conf_target",
+    "conf_floor",
+    "conf_excess",
+    "conf_skill",
+    "acc",
+    "tau_probabilistic",
+    "tau_greedy",
+    "outside_vocab",
+    "supervised_tokens",
+    "lr",
+)
+VAL_KEYS = (
+    "loss",
+    "ce",
+    "l1",
+    "conf",
+    "conf_floor",
+    "conf_excess",
+    "conf_skill",
+    "acc",
+    "tau_probabilistic",
+    "tau_greedy",
+)
 RUNS = {
-    "recompute_vocab": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 8,
-                        "chunk_blocks": 4,
-                        "vocab_size": 48, "val_samples": 2, "val_every": 2, "warmup_ratio": 0.25},
-    "topk_full_vocab": {"max_steps": 3, "micro_batch_size": 2, "num_anchors": 6, "l1_mode": "topk",
-                        "val_samples": 3, "val_every": 3, "confidence_weight": 0.5},
+    "recompute_vocab": {
+        "max_steps": 4,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "num_anchors": 8,
+        "chunk_blocks": 4,
+        "vocab_size": 48,
+        "val_samples": 2,
+        "val_every": 2,
+        "warmup_ratio": 0.25,
+    },
+    "topk_full_vocab": {
+        "max_steps": 3,
+        "micro_batch_size": 2,
+        "num_anchors": 6,
+        "l1_mode": "topk",
+        "val_samples": 3,
+        "val_every": 3,
+        "confidence_weight": 0.5,
+    },
 }
 
 
 def _params(store: Path, out: Path, train: dict) -> Params:
     base = {"output_dir": str(out), "learning_rate": 3e-3, "dtype": "float32", "save_every": 100, "seed": 7}
-    return Params.model_validate({
-        "target": {"path": TARGET_NAME},
-        "dump": {"store": str(store), "layer_ids": [1, 3]},
-        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
-        "train": {**base, **train},
-        "export": {"output": str(out / "drafter")},
-    })
+    return Params.model_validate(
+        {
+            "target": {"path": TARGET_NAME},
+            "dump": {"store": str(store), "layer_ids": [1, 3]},
+            "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
+            "train": {**base, **train},
+            "export": {"output": str(out / "drafter")},
+        }
+    )
 
 
 def run_all(root: Path, monkeypatch) -> dict:
@@ -100,10 +141,16 @@ def test_tiny_training_reproduces_the_golden_numbers(tmp_path, monkeypatch):
         for part in ("train", "val"):
             assert [r["step"] for r in got[run][part]] == [r["step"] for r in parts[part]], (run, part)
             for g, w in zip(got[run][part], parts[part]):
-                bad += [f"{run} {part} step {w['step']} {k}: {g[k]!r} != {w[k]!r}"
-                        for k in w if not _close(g[k], w[k])]
-        bad += [f"{run} params {k}: {got[run]['params'][k]!r} != {v!r}" for k, v in parts["params"].items()
-                if not _close(got[run]["params"][k], v)]
+                bad += [
+                    f"{run} {part} step {w['step']} {k}: {g[k]!r} != {w[k]!r}"
+                    for k in w
+                    if not _close(g[k], w[k])
+                ]
+        bad += [
+            f"{run} params {k}: {got[run]['params'][k]!r} != {v!r}"
+            for k, v in parts["params"].items()
+            if not _close(got[run]["params"][k], v)
+        ]
     assert not bad, "\n".join(bad)
 
 

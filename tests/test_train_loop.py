@@ -37,15 +37,25 @@ def store(tmp_path_factory):
 
 
 def make_params(store, out, **train) -> Params:
-    base = {"output_dir": str(out), "max_steps": 4, "micro_batch_size": 2, "num_anchors": 8, "save_every": 2,
-            "learning_rate": 3e-3, "warmup_ratio": 0.0, "dtype": "float32"}
-    return Params.model_validate({
-        "target": {"path": TARGET_NAME},
-        "dump": {"store": str(store), "layer_ids": [1, 3]},
-        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
-        "train": {**base, **train},
-        "export": {"output": str(out / "drafter")},
-    })
+    base = {
+        "output_dir": str(out),
+        "max_steps": 4,
+        "micro_batch_size": 2,
+        "num_anchors": 8,
+        "save_every": 2,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "dtype": "float32",
+    }
+    return Params.model_validate(
+        {
+            "target": {"path": TARGET_NAME},
+            "dump": {"store": str(store), "layer_ids": [1, 3]},
+            "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8},
+            "train": {**base, **train},
+            "export": {"output": str(out / "drafter")},
+        }
+    )
 
 
 def test_training_writes_metrics_checkpoints_and_meta(store, tmp_path):
@@ -73,8 +83,16 @@ def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
     grad_accum 2 and an epoch boundary inside the run (12 samples / global batch 2 = 6 steps)
     exercise the sampler position, the anchor seeds and the LR scheduler state.
     """
-    kw = {"max_steps": 6, "save_every": 3, "micro_batch_size": 1, "grad_accum": 2, "warmup_ratio": 0.3,
-          "max_length": 32, "val_samples": 2, "val_every": 2}
+    kw = {
+        "max_steps": 6,
+        "save_every": 3,
+        "micro_batch_size": 1,
+        "grad_accum": 2,
+        "warmup_ratio": 0.3,
+        "max_length": 32,
+        "val_samples": 2,
+        "val_every": 2,
+    }
     straight = tmp_path / "straight"
     train_run(make_params(store, straight, **kw))
 
@@ -112,7 +130,9 @@ def test_resumed_run_matches_uninterrupted_run(store, tmp_path, monkeypatch):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
     # no checkpoint after the last: resuming a finished run is a no-op that keeps the summary
     again = train_run(make_params(store, broken, resume=True, **kw))
-    assert again["step"] == 6 and again["loss"] == pytest.approx(rows_a[-1]["loss"], rel=1e-5)  # TSV: 6 digits
+    assert again["step"] == 6 and again["loss"] == pytest.approx(
+        rows_a[-1]["loss"], rel=1e-5
+    )  # TSV: 6 digits
     assert again["val"]["loss"] == pytest.approx(val_a[-1]["loss"], rel=1e-5)
 
 
@@ -123,7 +143,17 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
     rows = read_tsv(tmp_path / "metrics" / "val.tsv")
     assert [r["step"] for r in rows] == [0, 3, 4]  # untrained, every val_every, the last step
     for r in rows:
-        for col in ("loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc", "tau_probabilistic"):
+        for col in (
+            "loss",
+            "ce",
+            "l1",
+            "conf",
+            "conf_floor",
+            "conf_excess",
+            "conf_skill",
+            "acc",
+            "tau_probabilistic",
+        ):
             assert math.isfinite(r[col]), col
         assert r["loss"] == pytest.approx(0.1 * r["ce"] + 0.9 * r["l1"] + r["conf"], rel=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -135,8 +165,16 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
     head = fs.target_weights()
     served = load_serving(tmp_path / "drafter", head["embed_tokens"], head["lm_head"])
     _, val = split_validation(select_samples(fs, None, params.train.min_loss_tokens, progress=False), 3, 0)
-    again = Validator(FeatureDataset(fs, val, None), LossConfig.from_train(params.train), micro_batch_size=2,
-                      num_anchors=8, seed=0, rank=0, world_size=1, device=torch.device("cpu"))(served)
+    again = Validator(
+        FeatureDataset(fs, val, None),
+        LossConfig.from_train(params.train),
+        micro_batch_size=2,
+        num_anchors=8,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+    )(served)
     for col in ("loss", "ce", "l1", "conf", "conf_skill", "tau_probabilistic"):
         assert again[col] == pytest.approx(rows[-1][col], rel=1e-4), col
 
@@ -147,14 +185,31 @@ def test_validation_scores_held_out_samples_with_the_current_weights(store, tmp_
 @pytest.mark.parametrize(
     ("store_kw", "params_kw", "message"),
     [
-        ({"target_name": "another-target"}, {}, r"target\.name='another-target'.*needs target\.name='synthetic-tiny'"),
+        (
+            {"target_name": "another-target"},
+            {},
+            r"target\.name='another-target'.*needs target\.name='synthetic-tiny'",
+        ),
         ({"layer_ids": (2, 4)}, {}, r"layer_ids=\[2, 4\].*needs layer_ids=\[1, 3\]"),
         ({"final_hidden": False}, {"l1_mode": "exact"}, r"has_final_hidden=False.*has_final_hidden=True"),
-        ({"final_hidden": False}, {}, r"has_final_hidden=False but train\.l1_mode='recompute' needs.*l1_mode=capped"),
-        ({"top_k": 4, "drop": "topk_ids"}, {}, r"bad\.zarr: damaged feature store: part-00000/topk_ids: array missing"),
+        (
+            {"final_hidden": False},
+            {},
+            r"has_final_hidden=False but train\.l1_mode='recompute' needs.*l1_mode=capped",
+        ),
+        (
+            {"top_k": 4, "drop": "topk_ids"},
+            {},
+            r"bad\.zarr: damaged feature store: part-00000/topk_ids: array missing",
+        ),
     ],
-    ids=["other-target", "other-layer-ids", "exact-without-final-hidden", "default-without-final-hidden",
-         "missing-topk"],
+    ids=[
+        "other-target",
+        "other-layer-ids",
+        "exact-without-final-hidden",
+        "default-without-final-hidden",
+        "missing-topk",
+    ],
 )
 def test_incompatible_store_is_refused_before_step_one(tmp_path, store_kw, params_kw, message):
     """Acceptance (7): the error names the store's value and the one the drafter needs."""
@@ -170,7 +225,9 @@ def test_incompatible_store_is_refused_before_step_one(tmp_path, store_kw, param
 def test_resume_refuses_a_different_store(store, tmp_path):
     train_run(make_params(store, tmp_path, max_steps=2))
     other = make_store(tmp_path / "other.zarr", seed=1)
-    with pytest.raises(StoreMismatchError, match="checkpoint being resumed was trained on params_fingerprint"):
+    with pytest.raises(
+        StoreMismatchError, match="checkpoint being resumed was trained on params_fingerprint"
+    ):
         train_run(make_params(other, tmp_path, max_steps=4, resume=True))
 
 
@@ -217,16 +274,31 @@ def test_train_and_export_from_a_real_dump(tiny_llama_dir, make_prepared, tmp_pa
     from dspark_offline import dump
 
     prepared = make_prepared(6, min_len=16, max_len=40)
-    params = Params.model_validate({
-        "target": {"path": str(tiny_llama_dir), "dtype": "float32", "device": "cpu"},
-        "prepare": {"output": str(prepared)},
-        "dump": {"store": str(tmp_path / "features.zarr"), "num_layer_ids": 2, "top_k": 8, "shard_tokens": 64,
-                 "chunk_tokens": 16, "batch_tokens": 256},
-        "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "micro_batch_size": 2, "num_anchors": 4,
-                  "chunk_blocks": 4, "save_every": 2, "l1_mode": "exact"},
-        "export": {"output": str(tmp_path / "drafter")},
-    })
+    params = Params.model_validate(
+        {
+            "target": {"path": str(tiny_llama_dir), "dtype": "float32", "device": "cpu"},
+            "prepare": {"output": str(prepared)},
+            "dump": {
+                "store": str(tmp_path / "features.zarr"),
+                "num_layer_ids": 2,
+                "top_k": 8,
+                "shard_tokens": 64,
+                "chunk_tokens": 16,
+                "batch_tokens": 256,
+            },
+            "draft": {"num_layers": 1, "block_size": 4, "markov_rank": 8, "mask_token": "<empty_output>"},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 2,
+                "micro_batch_size": 2,
+                "num_anchors": 4,
+                "chunk_blocks": 4,
+                "save_every": 2,
+                "l1_mode": "exact",
+            },
+            "export": {"output": str(tmp_path / "drafter")},
+        }
+    )
     dump.run(params)
     summary = train_run(params)
     assert summary["step"] == 2 and math.isfinite(summary["loss"]) and math.isfinite(summary["l1"])
@@ -241,15 +313,24 @@ def test_train_and_export_from_a_real_dump(tiny_llama_dir, make_prepared, tmp_pa
 def test_training_vocabulary_bigram_start_and_bf16(store, tmp_path):
     """The fast CPU recipe (a training vocabulary, the bigram Markov start, bf16 weights) trains
     through DeepSpeed, validates over the whole vocabulary and exports a full-size drafter."""
-    params = make_params(store, tmp_path, max_steps=6, vocab_size=40, markov_init="bigram", dtype="bfloat16",
-                         val_samples=2, val_every=3)
+    params = make_params(
+        store,
+        tmp_path,
+        max_steps=6,
+        vocab_size=40,
+        markov_init="bigram",
+        dtype="bfloat16",
+        val_samples=2,
+        val_every=3,
+    )
     summary = train_run(params)
     rows = read_tsv(tmp_path / "metrics" / "train.tsv")
     assert all(math.isfinite(r["loss"]) and 1.0 <= r["tau_greedy"] <= 5.0 for r in rows)
     assert math.isfinite(summary["val"]["tau_greedy"])
     # the bigram start is already a bigram model: held-out CE at step 0 beats a random start's
-    random_start = make_params(store, tmp_path / "random", max_steps=1, vocab_size=40, dtype="bfloat16",
-                               val_samples=2, val_every=3)
+    random_start = make_params(
+        store, tmp_path / "random", max_steps=1, vocab_size=40, dtype="bfloat16", val_samples=2, val_every=3
+    )
     train_run(random_start)
     ce0 = lambda out: read_tsv(out / "metrics" / "val.tsv")[0]["ce"]
     assert ce0(tmp_path) < ce0(tmp_path / "random")
@@ -263,7 +344,9 @@ def test_training_vocabulary_bigram_start_and_bf16(store, tmp_path):
 def test_max_samples_trains_on_a_prefix_and_keeps_the_validation_split(store, tmp_path):
     """train.max_samples (data-size experiments) cuts the training samples, not the held-out ones."""
     full = train_run(make_params(store, tmp_path / "full", max_steps=1, val_samples=2, val_every=5))
-    cut = train_run(make_params(store, tmp_path / "cut", max_steps=1, val_samples=2, val_every=5, max_samples=4))
+    cut = train_run(
+        make_params(store, tmp_path / "cut", max_steps=1, val_samples=2, val_every=5, max_samples=4)
+    )
     assert full["plan"]["steps_per_epoch"] == 5 and cut["plan"]["steps_per_epoch"] == 2  # 10 vs 4 samples
     first_val = lambda out: read_tsv(out / "metrics" / "val.tsv")[0]
     assert first_val(tmp_path / "full")["ce"] == first_val(tmp_path / "cut")["ce"]  # same samples, same init

@@ -53,7 +53,9 @@ def test_resumed_scheduler_keeps_its_step_and_this_runs_schedule():
     assert new.last_epoch == 3 and longer == WarmupCosine(100, 2, 0.1)
     new.optimizer.step()
     new.step()
-    assert new.get_last_lr()[0] == pytest.approx(longer(4)) and longer(4) != pytest.approx(WarmupCosine(10, 2, 0.1)(4))
+    assert new.get_last_lr()[0] == pytest.approx(longer(4)) and longer(4) != pytest.approx(
+        WarmupCosine(10, 2, 0.1)(4)
+    )
 
 
 # -- batch math -----------------------------------------------------------------------------------
@@ -64,7 +66,11 @@ def test_batch_plan_and_deepspeed_config_agree():
     assert plan.warmup_steps == 1 and plan.epochs == pytest.approx(2.5)
     assert plan.tokens_per_step == pytest.approx(2400)
     cfg = deepspeed_config(tc, plan, torch.float32, torch.device("cpu"))
-    assert cfg["train_batch_size"] == 24 == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 4
+    assert (
+        cfg["train_batch_size"]
+        == 24
+        == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 4
+    )
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is False
     assert cfg["zero_optimization"]["stage"] == 2
     assert "global batch 24 = micro 2 x accum 3 x world 4" in plan.describe()
@@ -99,7 +105,9 @@ def test_sampler_drops_incomplete_batch_and_resumes_from_position():
     pos = SamplerPosition()
     for _ in range(3):
         pos = s.advance(pos)
-    resumed = ResumableSampler(7, micro_batch_size=1, grad_accum=3, world_size=1, rank=0, seed=0, position=pos)
+    resumed = ResumableSampler(
+        7, micro_batch_size=1, grad_accum=3, world_size=1, rank=0, seed=0, position=pos
+    )
     assert pos == SamplerPosition(1, 3) and _take(resumed, 3) == full[9:12]
 
 
@@ -120,8 +128,12 @@ class _FakeStore:
             raise OSError("checksum mismatch in chunk 3")
         n = len(self.masks[i])
         return SimpleNamespace(
-            sample_id=100 + i, input_ids=torch.arange(n) + 1, loss_mask=self.masks[i],
-            hidden=torch.ones(n, 2, 4), final_hidden=None, topk_ids=torch.ones(n, 3, dtype=torch.int64),
+            sample_id=100 + i,
+            input_ids=torch.arange(n) + 1,
+            loss_mask=self.masks[i],
+            hidden=torch.ones(n, 2, 4),
+            final_hidden=None,
+            topk_ids=torch.ones(n, 3, dtype=torch.int64),
             topk_probs=torch.full((n, 3), 0.2),
         )
 
@@ -137,7 +149,11 @@ def test_dataset_truncates_and_names_the_failing_sample():
     store = _FakeStore([[0, 1, 1, 1, 1], [1, 1, 1]], fail=1)
     ds = FeatureDataset(store, np.array([0, 1]), max_length=3)
     item = ds[0]
-    assert item["input_ids"].tolist() == [1, 2, 3] and item["hidden"].shape == (3, 2, 4) and item["sample_id"] == 100
+    assert (
+        item["input_ids"].tolist() == [1, 2, 3]
+        and item["hidden"].shape == (3, 2, 4)
+        and item["sample_id"] == 100
+    )
     with pytest.raises(SampleReadError, match=r"sample 1 \(dataset item 1\).*checksum mismatch"):
         ds[1]
 
@@ -206,10 +222,12 @@ def _sums(**values) -> LossSums:
 
 def test_pool_step_metrics_pools_the_sums_of_its_micro_batches():
     cfg = LossConfig.from_train(TrainConfig())
-    m1 = _sums(ce=1.0, l1=0.5, bce=0.1, weight=1.0, correct=[0.0, 0.0], tokens=[1.0, 0.0], tau=2.0,
-               blocks=1.0)
-    m2 = _sums(ce=12.0, l1=0.6, bce=1.2, weight=3.0, correct=[2.0, 1.0], tokens=[2.0, 1.0], tau=3.0,
-               blocks=3.0)
+    m1 = _sums(
+        ce=1.0, l1=0.5, bce=0.1, weight=1.0, correct=[0.0, 0.0], tokens=[1.0, 0.0], tau=2.0, blocks=1.0
+    )
+    m2 = _sums(
+        ce=12.0, l1=0.6, bce=1.2, weight=3.0, correct=[2.0, 1.0], tokens=[2.0, 1.0], tau=3.0, blocks=3.0
+    )
     out = pool_step_metrics([(2.0, m1), (4.0, m2)], tokens=50, cfg=cfg, device=torch.device("cpu"))
     assert out["loss"] == pytest.approx(3.0) and out["ce"] == pytest.approx(13 / 4)
     assert out["acc"] == pytest.approx(0.75) and out["tau_probabilistic"] == pytest.approx(1.25)
@@ -219,7 +237,8 @@ def test_pool_step_metrics_pools_the_sums_of_its_micro_batches():
     assert out["tokens"] == 50 and out["supervised_tokens"] == 4
     # the α-weighted loss of the pooled means is derived with the metrics (validation logs it)
     assert pool_sums([m1, m2], 2, torch.device("cpu"))[0].metrics(cfg)["loss"] == pytest.approx(
-        0.1 * 13 / 4 + 0.9 * 1.1 / 4 + 1.0 * 1.3 / 4)
+        0.1 * 13 / 4 + 0.9 * 1.1 / 4 + 1.0 * 1.3 / 4
+    )
 
 
 def test_pooled_metrics_derive_the_confidence_excess_and_skill_from_pooled_terms():
@@ -294,4 +313,6 @@ def test_loader_with_worker_processes_yields_the_same_batches(tmp_path):
 
     for a, b in zip(batches(0), batches(1), strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["hidden"], b["hidden"])
-        assert torch.equal(a["topk_probs"], b["topk_probs"]) and torch.equal(a["store_index"], b["store_index"])
+        assert torch.equal(a["topk_probs"], b["topk_probs"]) and torch.equal(
+            a["store_index"], b["store_index"]
+        )

@@ -78,18 +78,26 @@ def check_drafter_fits(cfg, target: nn.Module, drafter_dir: Path) -> None:
 
 def load_drafter(drafter_dir: str | Path, target: nn.Module) -> ServingDrafter:
     """Load an exported drafter directory and attach the target's embedding and lm_head."""
-    from dspark_offline.model.serving import CONFIG_FILE, ServingFormatError, config_from_serving, load_serving
+    from dspark_offline.model.serving import (
+        CONFIG_FILE,
+        ServingFormatError,
+        config_from_serving,
+        load_serving,
+    )
 
     drafter_dir = Path(drafter_dir)
     if not (drafter_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(
-            f"drafter {drafter_dir}: no config.json (set evaluate.drafter or run `dspark-offline export` first)"
+            f"drafter {drafter_dir}: no config.json "
+            "(set evaluate.drafter or run `dspark-offline export` first)"
         )
     try:
         conf = json.loads((drafter_dir / CONFIG_FILE).read_text())
     except ValueError as e:
         raise ServingFormatError(f"{drafter_dir / CONFIG_FILE}: not valid JSON ({e})") from None
-    check_drafter_fits(config_from_serving(conf, str(drafter_dir / CONFIG_FILE)), target, drafter_dir)  # before loading
+    check_drafter_fits(
+        config_from_serving(conf, str(drafter_dir / CONFIG_FILE)), target, drafter_dir
+    )  # before loading
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     model = load_serving(drafter_dir, embed.weight, head.weight)
     param = next(target.parameters())

@@ -33,7 +33,8 @@ def load_prompts(prepared_dir: str, num_prompts: int) -> tuple[list[EvalPrompt],
     split = PreparedSplit.load(prepared_dir, "eval")
     if len(split) == 0:
         raise PromptError(
-            f"{prepared_dir}/eval: the eval split is empty; set prepare.num_eval_samples > 0 and re-run prepare"
+            f"{prepared_dir}/eval: the eval split is empty; "
+            "set prepare.num_eval_samples > 0 and re-run prepare"
         )
     prompts: list[EvalPrompt] = []
     skipped = 0

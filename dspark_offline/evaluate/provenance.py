@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 SPOT_TOKENS = 32
-SPOT_REL_TOL = 0.1  # per-token relative error: SmolLM2 stored layers match to 0.0016 (bf16), neighbours differ by >= 0.24
+# per-token relative error: SmolLM2 stored layers match to 0.0016 (bf16), neighbours differ by >= 0.24
+SPOT_REL_TOL = 0.1
 
 
 class LayerMismatchError(ValueError):
@@ -114,9 +115,10 @@ def spot_check_layers(model: nn.Module, store, num_tokens: int = SPOT_TOKENS) ->
         if claimed > SPOT_REL_TOL or (best != layer and 2 * nearest < claimed):
             match = f"; it matches target layer {best} (error {nearest:.3g})" if best != layer else ""
             raise LayerMismatchError(
-                f"{store.path}: stored hidden[:, {j}] is not target layer {layer} as the manifest's layer_ids="
-                f"{m.layer_ids} say (relative error {claimed:.3g} over the first {n} tokens of sample 0{match}): "
-                "the manifest was edited or the features come from another model; re-dump the store"
+                f"{store.path}: stored hidden[:, {j}] is not target layer {layer} as the manifest's "
+                f"layer_ids={m.layer_ids} say (relative error {claimed:.3g} over the first {n} tokens of "
+                f"sample 0{match}): the manifest was edited or the features come from another model; "
+                "re-dump the store"
             )
         worst = max(worst, claimed)
     return (

@@ -162,12 +162,17 @@ def _fmt_ci(ci: list[float] | None) -> str:
 def format_summary(metrics: dict) -> list[str]:
     """Console lines: τ [CI] of each decoder, the paired ratios, losslessness, ms/token."""
     n, asked = metrics.get("num_prompts"), metrics.get("num_prompts_requested")
-    over = "" if n is None else f" over {n} prompts" + (f" (ONLY {n} OF {asked} REQUESTED)" if asked and n < asked else "")
+    over = (
+        ""
+        if n is None
+        else f" over {n} prompts" + (f" (ONLY {n} OF {asked} REQUESTED)" if asked and n < asked else "")
+    )
     lines = [f"drafter        tau {_fmt(metrics['tau'])} {_fmt_ci(metrics['tau_ci95'])}{over}"]
     for name in (PROMPT_LOOKUP, COMPARE):
         if f"tau_{name}" in metrics:
             lines.append(
-                f"{LABELS[name]:<14} tau {_fmt(metrics[f'tau_{name}'])} {_fmt_ci(metrics[f'tau_{name}_ci95'])}"
+                f"{LABELS[name]:<14} tau {_fmt(metrics[f'tau_{name}'])} "
+                f"{_fmt_ci(metrics[f'tau_{name}_ci95'])}"
             )
     for name in (PROMPT_LOOKUP, COMPARE):
         if f"tau_vs_{name}" in metrics:

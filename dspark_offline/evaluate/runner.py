@@ -88,7 +88,9 @@ def run(params: Params) -> dict:
     target = load_target(params.target)
     decoders = _decoders(params, target.model)
     for drafter_dir in [cfg.drafter or params.export.output, *([cfg.compare] if cfg.compare else [])]:
-        for line in check_drafter(drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights):
+        for line in check_drafter(
+            drafter_dir, target, allow_changed_weights=params.target.allow_changed_weights
+        ):
             print(f"[evaluate] {line}")
     prompts, skipped = load_prompts(params.prepare.output, cfg.num_prompts)
     param = next(target.model.parameters())
@@ -99,14 +101,15 @@ def run(params: Params) -> dict:
         f"baseline prompt lookup (n <= 3, up to {drafter.block_size} tokens)"
         + (f", compare {cfg.compare}" if cfg.compare else "")
         + f"; {len(prompts)} prompts ({skipped} eval samples without a prompt skipped), "
-        f"max_new_tokens={cfg.max_new_tokens}, T={cfg.temperature}, confidence_threshold={cfg.confidence_threshold}"
+        f"max_new_tokens={cfg.max_new_tokens}, T={cfg.temperature}, "
+        f"confidence_threshold={cfg.confidence_threshold}"
     )
     shortfall = cfg.num_prompts - len(prompts)
     notes = []  # eval.json "warnings", first key of the file
     if shortfall:
         notes.append(
-            f"evaluate.num_prompts={cfg.num_prompts} but {params.prepare.output}/eval has only {len(prompts)} "
-            f"usable prompts: every result below is over {len(prompts)} prompts (raise "
+            f"evaluate.num_prompts={cfg.num_prompts} but {params.prepare.output}/eval has only "
+            f"{len(prompts)} usable prompts: every result below is over {len(prompts)} prompts (raise "
             "prepare.num_eval_samples and re-run prepare)"
         )
         warnings.warn(notes[-1], FewerPromptsWarning, stacklevel=2)
@@ -177,7 +180,8 @@ def run(params: Params) -> dict:
         print(f"[evaluate] {line}")
     if shortfall:
         print(
-            f"[evaluate] WARNING: {len(prompts)} prompts, {shortfall} fewer than evaluate.num_prompts={cfg.num_prompts}"
+            f"[evaluate] WARNING: {len(prompts)} prompts, {shortfall} fewer than "
+            f"evaluate.num_prompts={cfg.num_prompts}"
         )
     print(f"[evaluate] -> {cfg.output}, {cfg.per_slot_output}, {cfg.per_prompt_output}")
     return metrics
@@ -191,5 +195,6 @@ def _check_lengths(prompts: list, max_new_tokens: int, block_size: int, model: t
         if max_pos and need > max_pos:
             raise PromptTooLongError(
                 f"eval prompt {prompt.index} (sample_id {prompt.sample_id}): {len(prompt.ids)} prompt tokens "
-                f"+ max_new_tokens {max_new_tokens} + block {block_size} > target max_position_embeddings {max_pos}"
+                f"+ max_new_tokens {max_new_tokens} + block {block_size} > target "
+                f"max_position_embeddings {max_pos}"
             )

@@ -60,8 +60,13 @@ class ChunkDir:
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if not state.exists():
-            _atomic_write(state, (json.dumps({"fingerprint": self.fingerprint, "fields": fields}, indent=2,
-                                             default=str) + "\n").encode())
+            _atomic_write(
+                state,
+                (
+                    json.dumps({"fingerprint": self.fingerprint, "fields": fields}, indent=2, default=str)
+                    + "\n"
+                ).encode(),
+            )
 
     def _file(self, k: int) -> Path:
         return self.path / f"chunk-{k:05d}.npz"
@@ -74,8 +79,13 @@ class ChunkDir:
         tokens = np.concatenate(result.tokens).astype(np.int32) if result.tokens else np.zeros(0, np.int32)
         tmp = self.path / f".chunk-{k:05d}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, rows=result.rows.astype(np.int64), lengths=lengths, tokens=tokens,
-                     stops=np.array(result.stops, dtype="U32"))
+            np.savez(
+                f,
+                rows=result.rows.astype(np.int64),
+                lengths=lengths,
+                tokens=tokens,
+                stops=np.array(result.stops, dtype="U32"),
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._file(k))

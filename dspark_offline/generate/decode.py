@@ -61,7 +61,9 @@ def decode_batch(
     right after it emits any of ``stop_ids`` (the stop token is kept). Returns the new tokens per
     prompt, in input order. ``on_step(new_tokens, rows_finished)`` is called after every step."""
     if len(prompts) != len(budgets) or not prompts:
-        raise ValueError(f"need one budget per prompt and at least one prompt ({len(prompts)}, {len(budgets)})")
+        raise ValueError(
+            f"need one budget per prompt and at least one prompt ({len(prompts)}, {len(budgets)})"
+        )
     if min(budgets) < 1 or min(len(p) for p in prompts) < 1:
         raise ValueError("every prompt needs >= 1 token and every budget must be >= 1")
     device = next(model.parameters()).device
@@ -74,10 +76,18 @@ def decode_batch(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, P] position of each real token
     cache = growing_cache(model)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1].float()  # [B, V]
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        .logits[:, -1]
+        .float()
+    )  # [B, V]
     next_pos = positions[:, -1] + 1  # [B]
     rows = list(range(B))  # input index of each live row
     out: list[list[int]] = [[] for _ in range(B)]
@@ -100,8 +110,15 @@ def decode_batch(
             mask, next_pos, tokens = mask[sel], next_pos[sel], tokens[sel]
             rows = [rows[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)  # [b, S+1]
-        logits = model(
-            input_ids=tokens.view(-1, 1), attention_mask=mask, position_ids=next_pos.view(-1, 1),
-            past_key_values=cache, use_cache=True,
-        ).logits[:, -1].float()  # [b, V]
+        logits = (
+            model(
+                input_ids=tokens.view(-1, 1),
+                attention_mask=mask,
+                position_ids=next_pos.view(-1, 1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )  # [b, V]
         next_pos = next_pos + 1

@@ -56,7 +56,11 @@ class HFEngine:
         out: list[list[int]] = []
         for start in range(0, len(prompts), cfg.batch_size):
             stop = min(start + cfg.batch_size, len(prompts))
-            gens = [row_generator(cfg.seed, int(s)) for s in sample_ids[start:stop]] if cfg.temperature > 0 else None
+            gens = (
+                [row_generator(cfg.seed, int(s)) for s in sample_ids[start:stop]]
+                if cfg.temperature > 0
+                else None
+            )
             out += decode_batch(
                 self.model,
                 [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in prompts[start:stop]],

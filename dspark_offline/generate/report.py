@@ -55,11 +55,11 @@ class GenerateTally:
         if not self.num_skipped:
             return "  (no prompt skipped)"
         lines = []
-        for reason in SKIP_REASONS:
+        for reason, meaning in SKIP_REASONS.items():
             ids = self.skipped.get(reason)
             if ids:
                 more = ", ..." if len(ids) > 5 else ""
-                lines.append(f"  {reason:<24} {len(ids):>5}  sample_ids {ids[:5]}{more}  ({SKIP_REASONS[reason]})")
+                lines.append(f"  {reason:<24} {len(ids):>5}  sample_ids {ids[:5]}{more}  ({meaning})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -89,16 +89,19 @@ class GenerateTally:
                 "counts": {r: len(self.skipped[r]) for r in SKIP_REASONS if r in self.skipped},
                 "sample_ids": {r: self.skipped[r][:MAX_LISTED] for r in SKIP_REASONS if r in self.skipped},
             },
-            "reasons": {**{f"stop:{k}": v for k, v in STOP_REASONS.items()},
-                        **{f"skip:{k}": v for k, v in SKIP_REASONS.items() if k in self.skipped}},
+            "reasons": {
+                **{f"stop:{k}": v for k, v in STOP_REASONS.items()},
+                **{f"skip:{k}": v for k, v in SKIP_REASONS.items() if k in self.skipped},
+            },
         }
 
     def summary(self) -> str:
         d = self.to_dict()
         g, stops = d["generated_length"], d["stop_reasons"]
         return (
-            f"{d['samples']} samples, {d['prompt_tokens']} prompt + {d['generated_tokens']} generated tokens; "
-            f"answer length mean {g['mean']} median {g['median']} p90 {g['p90']} max {g['max']}; "
-            f"stops: " + ", ".join(f"{k} {v}" for k, v in stops.items())
+            f"{d['samples']} samples, {d['prompt_tokens']} prompt + {d['generated_tokens']} generated "
+            f"tokens; answer length mean {g['mean']} median {g['median']} p90 {g['p90']} max {g['max']}; "
+            f"stops: "
+            + ", ".join(f"{k} {v}" for k, v in stops.items())
             + f"; {d['truncated']} truncated, {self.num_skipped} prompts skipped"
         )

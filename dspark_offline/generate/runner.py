@@ -71,7 +71,9 @@ class PromptPlan:
     tally: GenerateTally  # skipped prompts already counted
 
 
-def plan_prompts(split: PreparedSplit, max_new_tokens: int, max_length: int, max_positions: int) -> PromptPlan:
+def plan_prompts(
+    split: PreparedSplit, max_new_tokens: int, max_length: int, max_positions: int
+) -> PromptPlan:
     """Cut every sample's first-turn prompt; skip (and count) the ones that cannot be answered."""
     tally = GenerateTally()
     prompts: dict[int, np.ndarray] = {}
@@ -116,8 +118,9 @@ class _Progress:
         self.bar.update(finished)
 
 
-def _generate_chunk(engine, split, plan: PromptPlan, rows: np.ndarray, stops: StopIds, params: Params,
-                    progress: _Progress) -> ChunkResult:
+def _generate_chunk(
+    engine, split, plan: PromptPlan, rows: np.ndarray, stops: StopIds, params: Params, progress: _Progress
+) -> ChunkResult:
     """Answer the prompts of one chunk (rows in length order) and classify why each answer ended."""
     rows_list = [int(r) for r in rows]
     outs = engine.generate(
@@ -130,8 +133,10 @@ def _generate_chunk(engine, split, plan: PromptPlan, rows: np.ndarray, stops: St
     return ChunkResult(
         rows=rows.astype(np.int64),
         tokens=[np.asarray(out, dtype=np.int32) for out in outs],
-        stops=[_stop_reason(out, plan.budgets[r], params.generate.max_new_tokens, stops)
-               for r, out in zip(rows_list, outs)],
+        stops=[
+            _stop_reason(out, plan.budgets[r], params.generate.max_new_tokens, stops)
+            for r, out in zip(rows_list, outs)
+        ],
     )
 
 
@@ -237,17 +242,19 @@ def run(params: Params) -> Path:
             results[k] = saved
     pending = [k for k in range(len(planned)) if k not in results]
     _say(
-        f"target {engine.path}: {engine.describe}; stop ids {sorted(stops.eos)} + extra {sorted(stops.extra)}; "
-        f"T={cfg.temperature} top_p={cfg.top_p} max_new_tokens={cfg.max_new_tokens} "
-        f"(prompt + answer <= prepare.max_length={max_length})"
+        f"target {engine.path}: {engine.describe}; stop ids {sorted(stops.eos)} "
+        f"+ extra {sorted(stops.extra)}; T={cfg.temperature} top_p={cfg.top_p} "
+        f"max_new_tokens={cfg.max_new_tokens} (prompt + answer <= prepare.max_length={max_length})"
     )
     _say(
-        f"{len(train)} training samples -> {len(plan.rows)} first-turn prompts ({plan.tally.num_skipped} skipped), "
-        f"{sum(len(p) for p in plan.prompts.values())} prompt tokens; {len(planned)} chunk(s) of {C}: "
-        f"{len(results)} done before, {len(pending)} to go"
+        f"{len(train)} training samples -> {len(plan.rows)} first-turn prompts "
+        f"({plan.tally.num_skipped} skipped), {sum(len(p) for p in plan.prompts.values())} prompt tokens; "
+        f"{len(planned)} chunk(s) of {C}: {len(results)} done before, {len(pending)} to go"
     )
     t0 = time.perf_counter()
-    with tqdm(total=sum(len(planned[k]) for k in pending), desc="generate", unit="prompt", file=sys.stderr) as bar:
+    with tqdm(
+        total=sum(len(planned[k]) for k in pending), desc="generate", unit="prompt", file=sys.stderr
+    ) as bar:
         progress = _Progress(bar, t0)
         for k in pending:
             results[k] = _generate_chunk(engine, train, plan, planned[k], stops, params, progress)
@@ -260,7 +267,9 @@ def run(params: Params) -> Path:
         "eval": evaluation.arrays,  # copied unchanged: never regenerated, never trained on
     }
     report = tally.to_dict()
-    inherited = {k: v for k, v in train.meta.items() if k not in ("format", "format_version", "splits", "fingerprint")}
+    inherited = {
+        k: v for k, v in train.meta.items() if k not in ("format", "format_version", "splits", "fingerprint")
+    }
     meta = dict(
         inherited,
         max_length=max_length,

@@ -46,7 +46,9 @@ def end_of_turn_id(tokenizer) -> int | None:
 def _token_id(tokenizer, entry: int | str, vocab_size: int) -> int:
     if isinstance(entry, int):
         if not 0 <= entry < vocab_size:
-            raise StopTokenError(f"generate.stop_tokens: id {entry} is outside the vocabulary [0, {vocab_size})")
+            raise StopTokenError(
+                f"generate.stop_tokens: id {entry} is outside the vocabulary [0, {vocab_size})"
+            )
         return entry
     tid = tokenizer.convert_tokens_to_ids(entry)
     if isinstance(tid, int) and tid != tokenizer.unk_token_id:
@@ -60,7 +62,9 @@ def _token_id(tokenizer, entry: int | str, vocab_size: int) -> int:
     return int(ids[0])
 
 
-def resolve_stop_ids(model_eos: frozenset[int], tokenizer, extra: list[int | str], vocab_size: int) -> StopIds:
+def resolve_stop_ids(
+    model_eos: frozenset[int], tokenizer, extra: list[int | str], vocab_size: int
+) -> StopIds:
     """model_eos: `target.loader.stop_token_ids` (generation config / tokenizer EOS)."""
     eos = set(model_eos)
     eot = end_of_turn_id(tokenizer)

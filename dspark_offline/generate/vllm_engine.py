@@ -77,7 +77,9 @@ class VLLMEngine:
                 top_p=cfg.top_p if cfg.top_p is not None else 1.0,
                 max_tokens=int(budget),
                 stop_token_ids=sorted(stop_ids),
-                seed=int(row_generator(cfg.seed, int(sid)).initial_seed() % 2**31) if cfg.temperature > 0 else None,
+                seed=int(row_generator(cfg.seed, int(sid)).initial_seed() % 2**31)
+                if cfg.temperature > 0
+                else None,
                 detokenize=False,
             )
             for budget, sid in zip(budgets, sample_ids)

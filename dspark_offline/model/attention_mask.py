@@ -34,7 +34,7 @@ class BlockLayout:
     block_size: int
 
     def dense(self) -> torch.Tensor:  # [Bt, A·B, T + A·B] bool, exactly block_attention_mask
-        bt, a, _ = self.ctx_visible.shape
+        _, a, _ = self.ctx_visible.shape
         b = self.block_size
         ctx_vis = (self.ctx_visible & self.keep[:, :, None]).repeat_interleave(b, dim=1)  # [Bt, A·B, T]
         blk_id = torch.arange(a, device=self.keep.device).repeat_interleave(b)  # [A·B]

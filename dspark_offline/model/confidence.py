@@ -39,8 +39,9 @@ def confidence_skill(conf_excess: float, conf_target: float, conf_floor: float) 
 
 
 @torch.no_grad()
-def confidence_examples(model, block_hidden: torch.Tensor, targets: BlockTargets, l1_mode: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def confidence_examples(
+    model, block_hidden: torch.Tensor, targets: BlockTargets, l1_mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The confidence head's inputs and targets, exactly as `dspark_loss` forms them: hidden
     [N, B, H] (final-norm draft states), prev [N, B] (teacher-forced previous tokens), target
     [N, B] (`clamp(1 − L1/2, 0, 1)`), weight [N, B] (`e_j·exp(−j/γ)`; 0 on unsupervised slots).

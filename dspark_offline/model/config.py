@@ -43,8 +43,17 @@ class DraftModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "intermediate_size", "vocab_size", "block_size", "markov_rank"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "block_size",
+            "markov_rank",
+        ):
             if int(getattr(self, name)) < 1:
                 raise DraftConfigError(f"DraftModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -62,7 +71,9 @@ class DraftModelConfig:
                 f"target_layer_ids {bad} out of range for a target with {self.num_target_layers} layers"
             )
         if not 0 <= self.mask_token_id < self.vocab_size:
-            raise DraftConfigError(f"mask_token_id={self.mask_token_id} outside the vocabulary [0, {self.vocab_size})")
+            raise DraftConfigError(
+                f"mask_token_id={self.mask_token_id} outside the vocabulary [0, {self.vocab_size})"
+            )
 
     @property
     def num_context_layers(self) -> int:

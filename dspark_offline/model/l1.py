@@ -50,8 +50,14 @@ def in_vocab(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos.clamp(min=0), pos >= 0
 
 
-def l1_to_target(model, q: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor,
-                 final_hidden: torch.Tensor | None, mode: str) -> torch.Tensor:
+def l1_to_target(
+    model,
+    q: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_probs: torch.Tensor,
+    final_hidden: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
     """L1 [n, B] between the draft distribution q [n, B, V or Vs] and the target's, by `mode`.
 
     `model` (a DSparkDraft) gives the frozen target head and the training vocabulary;
@@ -125,10 +131,14 @@ def _fitted_target(model, topk_ids, topk_probs, final_hidden, pos, inside) -> to
     h = final_hidden.to(head.dtype)  # [n, B, H]
     z = vocab_logits(h, head).float()  # [n, B, V or Vs]
     zk = z.gather(-1, pos)  # [n, B, K]
-    zk[..., 0] = (h * model.lm_head_weight[topk_ids[..., 0].long()]).sum(-1).float()  # the top-1, inside or not
+    zk[..., 0] = (
+        (h * model.lm_head_weight[topk_ids[..., 0].long()]).sum(-1).float()
+    )  # the top-1, inside or not
     use = inside.clone()
     use[..., 0] = True
-    lse = torch.logsumexp(zk.masked_fill(~use, -math.inf), -1) - torch.log((topk_probs * use).sum(-1))  # [n, B]
+    lse = torch.logsumexp(zk.masked_fill(~use, -math.inf), -1) - torch.log(
+        (topk_probs * use).sum(-1)
+    )  # [n, B]
     return z.sub_(lse[..., None]).exp_()
 
 

@@ -79,9 +79,11 @@ class LossSums:
     @classmethod
     def from_vector(cls, vec: torch.Tensor) -> LossSums:
         b = (vec.numel() - len(_SCALARS)) // len(_PER_SLOT)
-        per_slot = vec[len(_SCALARS):].view(len(_PER_SLOT), b)
-        return cls(**dict(zip(_SCALARS, vec[: len(_SCALARS)], strict=True)),
-                   **dict(zip(_PER_SLOT, per_slot, strict=True)))
+        per_slot = vec[len(_SCALARS) :].view(len(_PER_SLOT), b)
+        return cls(
+            **dict(zip(_SCALARS, vec[: len(_SCALARS)], strict=True)),
+            **dict(zip(_PER_SLOT, per_slot, strict=True)),
+        )
 
     def metrics(self, cfg: LossConfig, *, per_slot: bool = False) -> dict[str, float]:
         """Every metric of these sums (module docstring); NaN where its count is 0. The per-slot

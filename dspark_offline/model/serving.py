@@ -120,8 +120,9 @@ def config_from_serving(conf: dict, where: str = CONFIG_FILE) -> DraftModelConfi
         raise ServingFormatError(f"{where}: missing or malformed drafter field {exc}") from exc
 
 
-def load_serving(path: str | Path, embed_tokens: torch.Tensor | nn.Module,
-                 lm_head: torch.Tensor | nn.Module) -> DSparkDraft:
+def load_serving(
+    path: str | Path, embed_tokens: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module
+) -> DSparkDraft:
     """Load an exported drafter (eval mode) and attach the target's frozen embedding/lm_head."""
     d = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -136,6 +137,8 @@ def load_serving(path: str | Path, embed_tokens: torch.Tensor | nn.Module,
     model.to(dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ServingFormatError(f"{d / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}")
+        raise ServingFormatError(
+            f"{d / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}"
+        )
     model.set_target_head(embed_tokens, lm_head)
     return model.eval()

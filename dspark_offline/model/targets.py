@@ -50,8 +50,14 @@ class BlockTargets:
     def __getitem__(self, sl: slice) -> BlockTargets:
         """A chunk of blocks."""
         return BlockTargets(
-            rows=self.rows[sl], blocks=self.blocks[sl], labels=self.labels[sl], prev=self.prev[sl], eval=self.eval[sl],
-            weight=self.weight[sl], topk_ids=self.topk_ids[sl], topk_probs=self.topk_probs[sl],
+            rows=self.rows[sl],
+            blocks=self.blocks[sl],
+            labels=self.labels[sl],
+            prev=self.prev[sl],
+            eval=self.eval[sl],
+            weight=self.weight[sl],
+            topk_ids=self.topk_ids[sl],
+            topk_probs=self.topk_probs[sl],
             final_hidden=None if self.final_hidden is None else self.final_hidden[sl],
         )
 
@@ -60,8 +66,9 @@ class BlockTargets:
         return block_hidden[self.rows, self.blocks]
 
 
-def block_targets(batch: dict, anchors: torch.Tensor, keep: torch.Tensor, block_size: int, gamma: float,
-                  l1_mode: str) -> BlockTargets:
+def block_targets(
+    batch: dict, anchors: torch.Tensor, keep: torch.Tensor, block_size: int, gamma: float, l1_mode: str
+) -> BlockTargets:
     """The `BlockTargets` of a batch for anchors/keep [Bt, A] (from `sample_anchors`, or fixed)."""
     _check_batch(batch, l1_mode)
     ids, mask, lengths = batch["input_ids"], batch["loss_mask"], batch["lengths"]
@@ -72,10 +79,16 @@ def block_targets(batch: dict, anchors: torch.Tensor, keep: torch.Tensor, block_
     at = rows[:, None].expand_as(src)  # [N, B]
     fh = batch["final_hidden"][at, src].detach() if needs_final_hidden(l1_mode) else None  # [N, B, H]
     return BlockTargets(
-        rows=rows, blocks=blocks, labels=grid.labels[rows, blocks], prev=grid.prev[rows, blocks],
-        eval=grid.eval[rows, blocks], weight=grid.weight[rows, blocks], topk_ids=batch["topk_ids"][at, src],
+        rows=rows,
+        blocks=blocks,
+        labels=grid.labels[rows, blocks],
+        prev=grid.prev[rows, blocks],
+        eval=grid.eval[rows, blocks],
+        weight=grid.weight[rows, blocks],
+        topk_ids=batch["topk_ids"][at, src],
         # The target distribution is a constant of the objective: gradients reach the drafter only.
-        topk_probs=batch["topk_probs"][at, src].detach().float(), final_hidden=fh,
+        topk_probs=batch["topk_probs"][at, src].detach().float(),
+        final_hidden=fh,
     )
 
 
@@ -106,6 +119,12 @@ def _check_batch(batch: dict, l1_mode: str) -> None:
         need.append("final_hidden")
     missing = [k for k in need if batch.get(k) is None]
     if missing:
-        hint = (f" (l1_mode={l1_mode!r} needs final_hidden: dump with dump.store_final_hidden=true, "
-                "or train with l1_mode='capped' or 'topk')") if "final_hidden" in missing else ""
+        hint = (
+            (
+                f" (l1_mode={l1_mode!r} needs final_hidden: dump with dump.store_final_hidden=true, "
+                "or train with l1_mode='capped' or 'topk')"
+            )
+            if "final_hidden" in missing
+            else ""
+        )
         raise KeyError(f"batch is missing {missing}{hint}")

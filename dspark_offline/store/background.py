@@ -68,11 +68,18 @@ class BackgroundWriter:
         self.busy_s = 0.0  # wall seconds spent writing, summed over workers
         self.cpu_s = 0.0  # CPU seconds of the writer processes (threads count in this process's own)
         self.shards_written = 0
-        self._impl = _ThreadPool(self, max_pending) if workers == 1 else ProcessPool(self, workers, max_pending)
+        self._impl = (
+            _ThreadPool(self, max_pending) if workers == 1 else ProcessPool(self, workers, max_pending)
+        )
 
     # -- called from the workers' side ------------------------------------------------------
     def _done(
-        self, part: PartState, shard: ShardPlan, busy_s: float, error: BaseException | None, cpu_s: float = 0.0
+        self,
+        part: PartState,
+        shard: ShardPlan,
+        busy_s: float,
+        error: BaseException | None,
+        cpu_s: float = 0.0,
     ) -> None:
         with self._lock:
             self.busy_s += busy_s
@@ -158,7 +165,9 @@ class _ThreadPool:
 
     def buffers(self, part: PartState, shard: ShardPlan) -> dict[str, np.ndarray]:
         width = shard.stop - shard.start
-        return {name: np.zeros((width, *shape), dtype) for name, (dtype, shape) in storage_specs(part).items()}
+        return {
+            name: np.zeros((width, *shape), dtype) for name, (dtype, shape) in storage_specs(part).items()
+        }
 
     def submit(self, part, shard, arrays) -> None:
         wait_put(self._queue, (part, shard, arrays), self.owner, self._thread.is_alive)

@@ -170,7 +170,9 @@ def _read_part(root: zarr.Group, manifest, name: str, skip: set[str]) -> list[st
     for n in [*PLAN_TOKEN_ARRAYS, *feature_specs(manifest)]:
         arr = _member(group, n)
         if arr is not None:
-            shards = range(int(attrs["num_shards"])) if n in PLAN_TOKEN_ARRAYS else attrs.get("shards_done", [])
+            shards = (
+                range(int(attrs["num_shards"])) if n in PLAN_TOKEN_ARRAYS else attrs.get("shards_done", [])
+            )
             problems += _read_back(arr, f"{name}/{n}", "shard", token_shards(arr, shards), skip)
     return problems
 

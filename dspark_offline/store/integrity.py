@@ -139,9 +139,9 @@ def manifest_problems(m: Manifest) -> list[str]:
     recomputed = params_fingerprint(fingerprint_fields(m))
     if recomputed != m.params_fingerprint:
         problems.append(
-            f"manifest (root zarr.json) says params_fingerprint={m.params_fingerprint} but its fields hash to "
-            f"{recomputed}: it was edited after the dump (layer_ids, top_k, dtypes, target ...); restore it or "
-            "re-dump"
+            f"manifest (root zarr.json) says params_fingerprint={m.params_fingerprint} but its fields "
+            f"hash to {recomputed}: it was edited after the dump (layer_ids, top_k, dtypes, target ...); "
+            "restore it or re-dump"
         )
     n = m.target.num_hidden_layers
     bad = [i for i in m.layer_ids if not 0 <= i < n]

@@ -91,8 +91,9 @@ class ArrayDtypes(_Model):
         "`hidden_scale` (hidden = code x scale, decoded to float32 by the reader; store/fp8.py)."
     )
     hidden_scale: Literal["bfloat16"] | None = Field(
-        None, description="Array `hidden_scale` [T, L] of the per-token per-layer scales (amax / 448, "
-        "rounded up) of float8 hidden states; None (and no such array) unless hidden is 'float8_e4m3'."
+        None,
+        description="Array `hidden_scale` [T, L] of the per-token per-layer scales (amax / 448, "
+        "rounded up) of float8 hidden states; None (and no such array) unless hidden is 'float8_e4m3'.",
     )
     final_hidden: Literal["float32", "bfloat16", "float16"] | None = Field(
         description="Final post-norm state; None when not stored."
@@ -147,9 +148,10 @@ class Manifest(_Model):
     params_fingerprint: str = Field(description="Hash of everything above that determines the arrays.")
     created_by: str = Field(description="dspark-offline version that wrote the store.")
     backend: BackendInfo | None = Field(
-        None, description="Backend that computed the features; None in stores written before it was "
+        None,
+        description="Backend that computed the features; None in stores written before it was "
         "recorded (all made by 'hf'). Not part of params_fingerprint; a resume with another backend "
-        "name is refused on its own."
+        "name is refused on its own.",
     )
 
 

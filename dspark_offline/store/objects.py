@@ -101,7 +101,9 @@ def read_suffixes(arr: zarr.Array, coords: list[tuple[int, ...]], nbytes: int) -
     async def read_all():
         async def one(c):
             try:
-                buf = await store.get(object_key(arr, c), default_buffer_prototype(), SuffixByteRequest(nbytes))
+                buf = await store.get(
+                    object_key(arr, c), default_buffer_prototype(), SuffixByteRequest(nbytes)
+                )
             except MissingChunkError:
                 return None
             return None if buf is None else buf.to_bytes()

@@ -168,7 +168,9 @@ def read_record(store: str | Path) -> dict | None:
     try:
         return json.loads(text)
     except ValueError as e:
-        raise StoreChangedError(f"{path}: not a completion record ({e}); remove it and re-run the dump") from e
+        raise StoreChangedError(
+            f"{path}: not a completion record ({e}); remove it and re-run the dump"
+        ) from e
 
 
 def _differences(recorded: dict, now: dict) -> list[str]:
@@ -210,7 +212,7 @@ def check_record(store: str | Path) -> dict:
     if diffs:
         more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise StoreChangedError(
-            f"{store}: the store changed since the dump recorded it in {path} ({'; '.join(diffs[:3])}{more}); "
-            f"{fix}"
+            f"{store}: the store changed since the dump recorded it in {path} "
+            f"({'; '.join(diffs[:3])}{more}); {fix}"
         )
     return recorded

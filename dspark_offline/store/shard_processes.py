@@ -82,8 +82,12 @@ class ProcessPool:
         self._inflight: dict[int, tuple[PartState, ShardPlan, int]] = {}
         self._next_task = 0
         self._procs = [
-            ctx.Process(target=_worker_main, args=(self._tasks, self._results, os.getpid()),
-                        name=f"dspark-store-writer-{i}", daemon=True)
+            ctx.Process(
+                target=_worker_main,
+                args=(self._tasks, self._results, os.getpid()),
+                name=f"dspark-store-writer-{i}",
+                daemon=True,
+            )
             for i in range(workers)
         ]
         for p in self._procs:
@@ -126,10 +130,11 @@ class ProcessPool:
             free = st.f_bavail * st.f_frsize
             if free < nbytes:
                 raise StoreError(
-                    f"dump.writer_workers={len(self._procs)}: {shm_dir} has {free / 2**20:.0f} MiB free but a "
-                    f"shard needs {nbytes / 2**20:.0f} MiB there (up to {self._max_slots} shards at once): "
-                    "enlarge it (docker run --shm-size=... or --ipc=host), lower dump.shard_tokens, or set "
-                    "dump.writer_workers=1 (one writer thread, no shared memory)"
+                    f"dump.writer_workers={len(self._procs)}: {shm_dir} has {free / 2**20:.0f} MiB free "
+                    f"but a shard needs {nbytes / 2**20:.0f} MiB there "
+                    f"(up to {self._max_slots} shards at once): enlarge it (docker run --shm-size=... or "
+                    "--ipc=host), lower dump.shard_tokens, or set dump.writer_workers=1 "
+                    "(one writer thread, no shared memory)"
                 )
         return shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
 
@@ -249,6 +254,7 @@ def _watch(pid: int):
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
+
         def gone() -> bool:
             try:
                 os.kill(pid, 0)

@@ -166,8 +166,9 @@ def open_store_for_write(
         elif set(root.keys()) - {"target"}:
             if not overwrite:
                 raise StoreError(
-                    f"{path}: exists but is not a dspark-offline feature store (members {sorted(root.keys())}, "
-                    f"no '{MANIFEST_ATTR}' root attribute); set dump.overwrite=true to replace it"
+                    f"{path}: exists but is not a dspark-offline feature store "
+                    f"(members {sorted(root.keys())}, no '{MANIFEST_ATTR}' root attribute); "
+                    "set dump.overwrite=true to replace it"
                 )
             recreate = True
     if recreate:
@@ -180,7 +181,9 @@ def open_store_for_write(
     return root
 
 
-def _write_head(root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor], replace: bool = False) -> None:
+def _write_head(
+    root: zarr.Group, m: Manifest, weights: dict[str, torch.Tensor], replace: bool = False
+) -> None:
     """target/embed_tokens [V, H], target/lm_head [V, H], target/final_norm [H], in the head dtype.
 
     `replace`: recreate the arrays (a damaged head: an array's metadata may be what is broken)."""
@@ -323,7 +326,9 @@ def _resume_part(root: zarr.Group, plan: PartPlan, manifest: Manifest, attrs: di
         return None
     if damage:
         bad = {f.index for f in damage}
-        log.warning("%s: recomputing shard(s) %s: %s", plan.name, sorted(bad), "; ".join(f.line for f in damage))
+        log.warning(
+            "%s: recomputing shard(s) %s: %s", plan.name, sorted(bad), "; ".join(f.line for f in damage)
+        )
         done -= bad
         attrs = dict(attrs, shards_done=sorted(done), complete=False, status="writing")
         root[plan.name].attrs[PART_ATTR] = attrs

@@ -110,7 +110,9 @@ def target_info(path: Path, config, tokenizer, dtype: torch.dtype, vocab_size: i
         "path": str(path),
         "weights_hash": weights_hash(path),
         # saved HF configs name their class; a bare config (LlamaConfig) implies LlamaForCausalLM
-        "architecture": (config.architectures or [type(config).__name__.removesuffix("Config") + "ForCausalLM"])[0],
+        "architecture": (
+            config.architectures or [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
+        )[0],
         "model_type": config.model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,

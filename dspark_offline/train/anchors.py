@@ -20,7 +20,9 @@ def batch_anchors(batch: dict, num_anchors: int, seed: int, step: int) -> tuple[
     for b in range(len(batch["lengths"])):
         g = torch.Generator().manual_seed(seed_for(seed, step, int(batch["index"][b])))
         n = int(batch["lengths"][b])
-        rows.append(sample_anchors(batch["loss_mask"][b : b + 1, :n], batch["lengths"][b : b + 1], num_anchors, g))
+        rows.append(
+            sample_anchors(batch["loss_mask"][b : b + 1, :n], batch["lengths"][b : b + 1], num_anchors, g)
+        )
     width = max(a.shape[1] for a, _ in rows)
     anchors = torch.zeros(len(rows), width, dtype=torch.int64)  # [Bt, A], padding anchor 0
     keep = torch.zeros(len(rows), width, dtype=torch.bool)  # [Bt, A]

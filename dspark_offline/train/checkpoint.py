@@ -56,7 +56,9 @@ def save(engine: Any, output_dir: str | Path, step: int, meta: dict, *, is_main:
     except (OSError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not any(s in str(e) for s in _TORCH_WRITE_FAILURES):
             raise
-        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there" if root.exists() else "no directory"
+        free = (
+            f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there" if root.exists() else "no directory"
+        )
         previous = latest_checkpoint(output_dir)
         raise CheckpointError(
             f"{root / tag}: writing the checkpoint of step {step} failed ({type(e).__name__}: "
@@ -113,6 +115,7 @@ def load(engine: Any, checkpoint: str | Path) -> dict:
     saved = (client_state or {}).get("dspark_meta", {})
     if saved.get("step") != meta.get("step"):
         raise CheckpointError(
-            f"{checkpoint}: meta.json says step {meta.get('step')} but the DeepSpeed state says {saved.get('step')}"
+            f"{checkpoint}: meta.json says step {meta.get('step')} "
+            f"but the DeepSpeed state says {saved.get('step')}"
         )
     return meta

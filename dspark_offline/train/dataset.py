@@ -67,7 +67,9 @@ class FeatureDataset(Dataset):
         try:
             s = self.store.sample(i)
         except Exception as e:  # re-raised with the sample named; never substituted
-            raise SampleReadError(f"failed to read sample {i} (dataset item {k}) from the feature store: {e}") from e
+            raise SampleReadError(
+                f"failed to read sample {i} (dataset item {k}) from the feature store: {e}"
+            ) from e
         out: dict[str, Any] = {"index": k, "store_index": i, "sample_id": int(s.sample_id)}
         for name in _TOKEN_FIELDS:
             t = getattr(s, name)

@@ -106,7 +106,9 @@ def setup() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         if launched:
-            torch.distributed.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+            torch.distributed.init_process_group(
+                backend=backend, init_method="env://", rank=rank, world_size=world
+            )
         else:
             # A world of one needs no rendezvous: an in-memory store, no port, no env to leak into
             # subprocesses (a child that inherited RANK/MASTER_PORT would try to join this group).
@@ -124,4 +126,3 @@ def setup() -> DistInfo:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-

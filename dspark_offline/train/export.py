@@ -39,7 +39,9 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     else:
         states = checkpoint / "mp_rank_00_model_states.pt"
         if not states.is_file():
-            raise ckpt_io.CheckpointError(f"{checkpoint}: no DeepSpeed model states ({states.name}) to export")
+            raise ckpt_io.CheckpointError(
+                f"{checkpoint}: no DeepSpeed model states ({states.name}) to export"
+            )
         sd = torch.load(states, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in sd.items()}
 
@@ -84,8 +86,9 @@ def check_export_dir(params: Params) -> None:
         if present:
             shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             raise OutputPathError(
-                f"export.output={str(out)!r} is not empty ({shown}); pass --overwrite (export.overwrite=true) "
-                "to replace the drafter files there, or choose another directory"
+                f"export.output={str(out)!r} is not empty ({shown}); "
+                "pass --overwrite (export.overwrite=true) to replace the drafter files there, "
+                "or choose another directory"
             )
 
 
@@ -110,13 +113,19 @@ def run(params: Params) -> dict:
     missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
     if missing or unexpected:
         raise ckpt_io.CheckpointError(
-            f"{checkpoint}: weights do not fit the drafter in meta.json: missing {missing}, unexpected {unexpected}"
+            f"{checkpoint}: weights do not fit the drafter in meta.json: "
+            f"missing {missing}, unexpected {unexpected}"
         )
     dtype = torch.bfloat16 if meta.get("dtype") == "bfloat16" else torch.float32
     out = save_serving(model, params.export.output, dtype=dtype)
-    provenance = {"checkpoint": str(checkpoint), "step": meta.get("step"), "store": meta.get("store"),
-                  "store_fingerprint": meta.get("store_fingerprint"), "target_weights_hash": weights,
-                  "metrics": meta.get("metrics", {})}
+    provenance = {
+        "checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "store": meta.get("store"),
+        "store_fingerprint": meta.get("store_fingerprint"),
+        "target_weights_hash": weights,
+        "metrics": meta.get("metrics", {}),
+    }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     log.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     return {"output": str(out), **provenance}

@@ -74,11 +74,16 @@ def run(params: Params) -> dict:
     preflight.check_usable(len(usable), len(store), params, info.world_size)
     indices, val_indices = split_validation(usable, tc.val_samples, tc.seed)
     indices = indices[: tc.max_samples]  # None keeps all
-    lengths = store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
+    lengths = (
+        store.lengths[indices] if tc.max_length is None else store.lengths[indices].clip(max=tc.max_length)
+    )
     plan = plan_batches(tc, len(indices), int(lengths.sum()), info.world_size)
     held = f", {len(val_indices)} held out for validation" if len(val_indices) else ""
-    _say(f"rank {info.rank}/{info.world_size} on {info.device} ({info.backend}); store {store.path}: "
-         f"{len(indices)}/{len(store)} samples to train on{held}; {plan.describe()}", info.is_main)
+    _say(
+        f"rank {info.rank}/{info.world_size} on {info.device} ({info.backend}); store {store.path}: "
+        f"{len(indices)}/{len(store)} samples to train on{held}; {plan.describe()}",
+        info.is_main,
+    )
     if info.is_main and resume_from is None and checkpoint.checkpoints_dir(out_dir).exists():
         # train.overwrite, or only unfinished checkpoints (no meta.json) there: preflight checked
         _say(f"fresh run: removing old checkpoints in {checkpoint.checkpoints_dir(out_dir)}", True)
@@ -98,8 +103,11 @@ def run(params: Params) -> dict:
         _say(f"training vocabulary: {len(vocab)} of {cfg.vocab_size} tokens (train.vocab_size)", info.is_main)
     if tc.markov_init == "bigram" and resume_from is None:
         explained = init_markov_bigram(model, store, indices, vocab, progress=info.is_main)
-        _say(f"Markov head initialised from the bigram table of {len(vocab)} tokens (rank "
-             f"{cfg.markov_rank} explains {explained:.0%} of it)", info.is_main)
+        _say(
+            f"Markov head initialised from the bigram table of {len(vocab)} tokens (rank "
+            f"{cfg.markov_rank} explains {explained:.0%} of it)",
+            info.is_main,
+        )
     dtype = resolve_dtype(tc.dtype, info.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over each flat parameter group instead of a dozen elementwise passes
@@ -108,7 +116,9 @@ def run(params: Params) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=True)
     schedule = WarmupCosine(plan.total_steps, plan.warmup_steps, tc.min_lr_ratio)
     engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lambda opt: make_scheduler(opt, schedule),
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: make_scheduler(opt, schedule),
         config=deepspeed_config(tc, plan, dtype, info.device),
     )
 
@@ -118,34 +128,61 @@ def run(params: Params) -> dict:
         meta = checkpoint.load(engine, resume_from)
         step, pos, values = int(meta["step"]), SamplerPosition(**meta["sampler"]), meta.get("metrics", {})
         resumed_val = meta.get("val_metrics", {})
-        _say(f"resumed from {resume_from} at step {step} (epoch {pos.epoch}, sample {pos.index})", info.is_main)
+        _say(
+            f"resumed from {resume_from} at step {step} (epoch {pos.epoch}, sample {pos.index})", info.is_main
+        )
     elif tc.resume:
         _say(f"train.resume: no checkpoint in {out_dir}, starting fresh", info.is_main)
 
     loss_cfg = LossConfig.from_train(tc)
-    sampler = ResumableSampler(len(indices), micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum,
-                               world_size=info.world_size, rank=info.rank, seed=tc.seed, position=pos)
+    sampler = ResumableSampler(
+        len(indices),
+        micro_batch_size=tc.micro_batch_size,
+        grad_accum=tc.grad_accum,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=tc.seed,
+        position=pos,
+    )
     cache_bytes = int(tc.cache_gb * 2**30)
-    batches = iter(DataLoader(FeatureDataset(store, indices, tc.max_length, cache_bytes), batch_size=tc.micro_batch_size,
-                              sampler=sampler, collate_fn=collate, num_workers=loader_workers(info.device)))
+    batches = iter(
+        DataLoader(
+            FeatureDataset(store, indices, tc.max_length, cache_bytes),
+            batch_size=tc.micro_batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=loader_workers(info.device),
+        )
+    )
     sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step)
     # val.tsv exists even without validation (header only): DVC declares it as a plot output
     val_sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step, name="val", columns=VAL_COLUMNS)
     validator = None
     if len(val_indices):
-        validator = Validator(FeatureDataset(store, val_indices, tc.max_length, cache_bytes), loss_cfg,
-                              micro_batch_size=tc.micro_batch_size, num_anchors=tc.num_anchors, seed=tc.seed,
-                              rank=info.rank, world_size=info.world_size, device=info.device)
+        validator = Validator(
+            FeatureDataset(store, val_indices, tc.max_length, cache_bytes),
+            loss_cfg,
+            micro_batch_size=tc.micro_batch_size,
+            num_anchors=tc.num_anchors,
+            seed=tc.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=info.device,
+        )
     val_values: dict = resumed_val  # the last validation before the checkpoint resumed from
 
     def validate(at: int) -> None:
         nonlocal val_values
         val_values = validator(engine)
         val_sink.log(at, val_values)
-        _say(f"validation at step {at}: loss {val_values['loss']:.4f}, ce {val_values['ce']:.3f}, "
-             f"l1 {val_values['l1']:.3f}, conf {val_values['conf']:.3f} (skill {val_values['conf_skill']:.3f}), "
-             f"tau {val_values['tau_probabilistic']:.3f} ({len(validator)} samples, "
-             f"{val_values['seconds']:.1f} s)", info.is_main)
+        _say(
+            f"validation at step {at}: loss {val_values['loss']:.4f}, ce {val_values['ce']:.3f}, "
+            f"l1 {val_values['l1']:.3f}, conf {val_values['conf']:.3f} "
+            f"(skill {val_values['conf_skill']:.3f}), "
+            f"tau {val_values['tau_probabilistic']:.3f} ({len(validator)} samples, "
+            f"{val_values['seconds']:.1f} s)",
+            info.is_main,
+        )
 
     if validator is not None and step == 0:
         validate(0)  # the untrained drafter: where every curve starts
@@ -169,24 +206,41 @@ def run(params: Params) -> dict:
         values.update(lr=lr, tokens_per_s=values["tokens"] / (time.perf_counter() - t0))
         if step % tc.log_every == 0 or step == plan.total_steps:
             sink.log(step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", tau=f"{values['tau_probabilistic']:.2f}",
-                        tok_s=f"{values['tokens_per_s']:.0f}")
+        bar.set_postfix(
+            loss=f"{values['loss']:.4f}",
+            tau=f"{values['tau_probabilistic']:.2f}",
+            tok_s=f"{values['tokens_per_s']:.0f}",
+        )
         bar.update(1)
         if validator is not None and (step % tc.val_every == 0 or step == plan.total_steps):
             validate(step)
         if step % tc.save_every == 0 or step == plan.total_steps:
-            meta = {"step": step, "epoch": pos.epoch, "sampler": pos.as_dict(), "plan": plan.as_dict(),
-                    "params": params.model_dump(mode="json"), "draft_config": cfg.to_dict(),
-                    "store": store.path, "store_fingerprint": store.manifest.params_fingerprint,
-                    "target_weights_hash": store.manifest.target.weights_hash,
-                    "world_size": info.world_size, "dtype": str(dtype).removeprefix("torch."), "metrics": values,
-                    "val_metrics": val_values}
+            meta = {
+                "step": step,
+                "epoch": pos.epoch,
+                "sampler": pos.as_dict(),
+                "plan": plan.as_dict(),
+                "params": params.model_dump(mode="json"),
+                "draft_config": cfg.to_dict(),
+                "store": store.path,
+                "store_fingerprint": store.manifest.params_fingerprint,
+                "target_weights_hash": store.manifest.target.weights_hash,
+                "world_size": info.world_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "metrics": values,
+                "val_metrics": val_values,
+            }
             saved = checkpoint.save(engine, out_dir, step, meta, is_main=info.is_main)
             _say(f"step {step}: loss {values['loss']:.4f}, checkpoint {saved}", info.is_main)
     bar.close()
 
-    summary = {"step": step, "epochs": step / plan.steps_per_epoch, **values, "plan": plan.as_dict(),
-               **({"val": val_values} if val_values else {}),
-               "checkpoint": str(checkpoint.checkpoints_dir(out_dir) / checkpoint.tag_for(step))}
+    summary = {
+        "step": step,
+        "epochs": step / plan.steps_per_epoch,
+        **values,
+        "plan": plan.as_dict(),
+        **({"val": val_values} if val_values else {}),
+        "checkpoint": str(checkpoint.checkpoints_dir(out_dir) / checkpoint.tag_for(step)),
+    }
     sink.finish(summary)
     return summary

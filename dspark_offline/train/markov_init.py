@@ -22,8 +22,9 @@ SMOOTHING = 1.0  # pseudo-counts of the unigram distribution added to every row
 
 
 @torch.no_grad()
-def bigram_factors(store, indices: np.ndarray, vocab: torch.Tensor, rank: int, *, progress: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def bigram_factors(
+    store, indices: np.ndarray, vocab: torch.Tensor, rank: int, *, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(W1 rows [Vs, r], W2 rows [Vs, r], share of the centred log table the rank-r factors explain)
     for the ids ``vocab`` [Vs] from the supervised token pairs of the store samples ``indices``."""
     v_total = int(store.manifest.target.vocab_size)
@@ -47,14 +48,17 @@ def bigram_factors(store, indices: np.ndarray, vocab: torch.Tensor, rank: int, *
     return u * root, v * root, explained
 
 
-def init_markov_bigram(model, store, indices: np.ndarray, vocab: torch.Tensor, *, progress: bool = True
-                       ) -> float:
+def init_markov_bigram(
+    model, store, indices: np.ndarray, vocab: torch.Tensor, *, progress: bool = True
+) -> float:
     """Overwrite the Markov head rows of ``vocab`` with the bigram factors; returns the explained
     share. The head's rank r must be <= len(vocab) for an exact rank-r fit (else the rest stays 0)."""
     head = model.markov_head
     if head is None:
         raise ValueError("train.markov_init='bigram' needs the Markov head (draft.markov_head: true)")
-    w1, w2, explained = bigram_factors(store, indices, vocab, head.markov_w1.weight.shape[1], progress=progress)
+    w1, w2, explained = bigram_factors(
+        store, indices, vocab, head.markov_w1.weight.shape[1], progress=progress
+    )
     with torch.no_grad():
         r = w1.shape[1]
         head.markov_w1.weight[vocab] = 0.0

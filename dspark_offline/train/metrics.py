@@ -21,15 +21,45 @@ import torch
 
 from dspark_offline.model import LossConfig, LossSums
 
-COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_excess", "conf_skill", "acc", "tau_probabilistic",
-           "tau_greedy", "lr", "tokens_per_s")
-VAL_COLUMNS = ("step", "loss", "ce", "l1", "conf", "conf_floor", "conf_excess", "conf_skill", "acc",
-               "tau_probabilistic", "tau_greedy")
+COLUMNS = (
+    "step",
+    "loss",
+    "ce",
+    "l1",
+    "conf",
+    "conf_excess",
+    "conf_skill",
+    "acc",
+    "tau_probabilistic",
+    "tau_greedy",
+    "lr",
+    "tokens_per_s",
+)
+VAL_COLUMNS = (
+    "step",
+    "loss",
+    "ce",
+    "l1",
+    "conf",
+    "conf_floor",
+    "conf_excess",
+    "conf_skill",
+    "acc",
+    "tau_probabilistic",
+    "tau_greedy",
+)
 
 
 class MetricsSink:
-    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int = 0, name: str = "train",
-                 columns: tuple[str, ...] = COLUMNS) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool,
+        resume_step: int = 0,
+        name: str = "train",
+        columns: tuple[str, ...] = COLUMNS,
+    ) -> None:
         self.enabled = enabled
         self.columns = columns
         self.output_dir = Path(output_dir)
@@ -79,8 +109,9 @@ def read_tsv(path: str | Path) -> list[dict[str, float]]:
     return [{c: float(v) for c, v in zip(cols, ln.split("\t"), strict=True)} for ln in lines[1:] if ln]
 
 
-def pool_step_metrics(micro: list[tuple[float, LossSums]], tokens: int, cfg: LossConfig, device
-                      ) -> dict[str, float]:
+def pool_step_metrics(
+    micro: list[tuple[float, LossSums]], tokens: int, cfg: LossConfig, device
+) -> dict[str, float]:
     """One optimizer step's metrics over its micro-batches and all data-parallel ranks.
 
     ``micro`` holds (loss, sums) per micro-batch: the loss backpropagated and its ``LossSums``.
@@ -101,8 +132,9 @@ def pool_step_metrics(micro: list[tuple[float, LossSums]], tokens: int, cfg: Los
     return out
 
 
-def pool_sums(parts: list[LossSums], block_size: int, device, *, totals: tuple[float, ...] = ()
-              ) -> tuple[LossSums, list[float]]:
+def pool_sums(
+    parts: list[LossSums], block_size: int, device, *, totals: tuple[float, ...] = ()
+) -> tuple[LossSums, list[float]]:
     """The sum of several batches' ``LossSums`` (this rank's, maybe none) over all ranks, in
     float64 (one all-reduce when torch.distributed is up; collective), and ``totals`` summed
     over ranks in the same all-reduce."""

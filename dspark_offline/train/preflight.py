@@ -33,10 +33,20 @@ from dspark_offline.train.dataset import SampleReadError
 
 # train.* fields that may change on resume: where and how often things are written, memory use.
 # Everything else (learning rate, schedule, batch, loss, data selection, seed, dtype) changes the run.
-RESUME_FREE_FIELDS = frozenset({
-    "output_dir", "resume", "overwrite", "allow_param_change", "allow_partial_store",
-    "save_every", "log_every", "val_every", "cache_gb", "chunk_blocks",
-})
+RESUME_FREE_FIELDS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "overwrite",
+        "allow_param_change",
+        "allow_partial_store",
+        "save_every",
+        "log_every",
+        "val_every",
+        "cache_gb",
+        "chunk_blocks",
+    }
+)
 
 
 class IncompleteStoreError(StoreError):
@@ -57,9 +67,10 @@ def check_output_dir_for_run(params: Params) -> Path | None:
         existing = checkpoint.list_checkpoints(out)
         if existing:
             raise checkpoint.CheckpointError(
-                f"train.output_dir={str(out)!r} holds {len(existing)} checkpoint(s) of an earlier run (latest "
-                f"{existing[-1].name}); pass --resume (train.resume=true) to continue it, --overwrite "
-                "(train.overwrite=true) to delete them and start afresh, or choose another train.output_dir"
+                f"train.output_dir={str(out)!r} holds {len(existing)} checkpoint(s) of an earlier run "
+                f"(latest {existing[-1].name}); pass --resume (train.resume=true) to continue it, "
+                "--overwrite (train.overwrite=true) to delete them and start afresh, "
+                "or choose another train.output_dir"
             )
     return resume_from
 
@@ -74,12 +85,15 @@ def open_training_store(params: Params, say) -> FeatureStore:
         samples = f"{len(store)} of the {store.manifest.data.num_samples} samples"
         if not params.train.allow_partial_store:
             raise IncompleteStoreError(
-                f"{path}: {len(incomplete)} of {total} parts missing or unfinished ({', '.join(incomplete)}); "
-                f"finish the dump (re-run it: it resumes), or pass --allow-partial-store "
-                f"(train.allow_partial_store=true) to train on the complete parts only ({samples})"
+                f"{path}: {len(incomplete)} of {total} parts missing or unfinished "
+                f"({', '.join(incomplete)}); finish the dump (re-run it: it resumes), "
+                "or pass --allow-partial-store (train.allow_partial_store=true) "
+                f"to train on the complete parts only ({samples})"
             )
-        say(f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
-            f"{', '.join(incomplete)} missing or unfinished (train.allow_partial_store)")
+        say(
+            f"WARNING: training on {len(store.parts)} of {total} parts ({samples}): "
+            f"{', '.join(incomplete)} missing or unfinished (train.allow_partial_store)"
+        )
     return store
 
 
@@ -98,13 +112,15 @@ def check_store(store: FeatureStore, params: Params, resume_meta: dict | None = 
             "has_final_hidden=True: dump with dump.store_final_hidden=true, or train with "
             "train.l1_mode=capped (the tightest bound from the top-k alone) or topk"
         )
-    want_layers = resolve_layer_ids(params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids)
+    want_layers = resolve_layer_ids(
+        params.dump.layer_ids, m.target.num_hidden_layers, params.dump.num_layer_ids
+    )
     check_compatible(m, target_name=params.target.path, layer_ids=want_layers, store=store.path)
     _probe_first_sample(store, need_final_hidden=needs_final_hidden(mode))
     if resume_meta is not None and resume_meta.get("store_fingerprint") != m.params_fingerprint:
         raise StoreMismatchError(
-            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint being "
-            f"resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
+            f"feature store ({store.path}) params_fingerprint={m.params_fingerprint} but the checkpoint "
+            f"being resumed was trained on params_fingerprint={resume_meta.get('store_fingerprint')}"
         )
 
 
@@ -115,7 +131,9 @@ def _probe_first_sample(store: FeatureStore, need_final_hidden: bool) -> None:
     try:
         s = store.sample(0)
     except Exception as e:
-        raise SampleReadError(f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}") from e
+        raise SampleReadError(
+            f"feature store ({store.path}): cannot read sample 0: {type(e).__name__}: {e}"
+        ) from e
     n, L, H, K = len(s.input_ids), len(m.layer_ids), m.target.hidden_size, m.top_k
     want = {"hidden": (n, L, H), "topk_ids": (n, K), "topk_probs": (n, K)}
     if need_final_hidden:
@@ -137,9 +155,10 @@ def check_usable(num_usable: int, num_store: int, params: Params, world_size: in
     need = tc.val_samples + tc.micro_batch_size * tc.grad_accum * world_size
     if num_usable < num_store and num_usable < need:
         raise SampleFilterError(
-            f"only {num_usable} of the {num_store} store samples have train.min_loss_tokens={tc.min_loss_tokens} "
-            f"supervised tokens within train.max_length={tc.max_length}; {need} are needed (train.val_samples="
-            f"{tc.val_samples} + one global batch): raise train.max_length or lower train.min_loss_tokens"
+            f"only {num_usable} of the {num_store} store samples have "
+            f"train.min_loss_tokens={tc.min_loss_tokens} supervised tokens within "
+            f"train.max_length={tc.max_length}; {need} are needed (train.val_samples={tc.val_samples} "
+            "+ one global batch): raise train.max_length or lower train.min_loss_tokens"
         )
 
 
@@ -154,7 +173,9 @@ def _flat(d: Any, prefix: str = "") -> dict:
 
 def _changes(old: dict, new: dict, skip: frozenset = frozenset()) -> list[str]:
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if k not in skip and a[k] != b[k]]
+    return [
+        f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if k not in skip and a[k] != b[k]
+    ]
 
 
 def check_resume(meta: dict, params: Params, draft_config: dict, resume_from: Path, say) -> None:
@@ -197,8 +218,13 @@ def check_target_weights(store: FeatureStore, params: Params) -> str:
     recorded = store.manifest.target.weights_hash
     target_dir, now = check_local_weights(params.target, recorded, f"the feature store {store.path}")
     if target_dir is None:
-        return (f"target weights not checked: {params.target.path} is not a local model directory here "
-                "(export and evaluate check them)")
+        return (
+            f"target weights not checked: {params.target.path} is not a local model directory here "
+            "(export and evaluate check them)"
+        )
     if now != recorded:
-        return f"target weights changed since the dump ({recorded} -> {now}), accepted: target.allow_changed_weights"
+        return (
+            f"target weights changed since the dump ({recorded} -> {now}), "
+            "accepted: target.allow_changed_weights"
+        )
     return f"target weights unchanged since the dump (weights_hash {now})"

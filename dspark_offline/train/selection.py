@@ -12,7 +12,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-def select_samples(store: Any, max_length: int | None, min_loss_tokens: int, *, progress: bool = True) -> np.ndarray:
+def select_samples(
+    store: Any, max_length: int | None, min_loss_tokens: int, *, progress: bool = True
+) -> np.ndarray:
     """Store indices of the samples to train on: at least ``min_loss_tokens`` supervised tokens
     within the first ``max_length`` tokens. Returns int64 [N_kept] in store order.
 

@@ -59,8 +59,18 @@ def split_validation(indices: np.ndarray, val_samples: int, seed: int) -> tuple[
 class Validator:
     """Scores a model on the held-out samples; call it at every evaluation step (all ranks)."""
 
-    def __init__(self, dataset: FeatureDataset, loss_cfg: LossConfig, *, micro_batch_size: int, num_anchors: int,
-                 seed: int, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        dataset: FeatureDataset,
+        loss_cfg: LossConfig,
+        *,
+        micro_batch_size: int,
+        num_anchors: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
         self.dataset = dataset
         self.loss_cfg = loss_cfg
         self.micro_batch_size = micro_batch_size
@@ -96,6 +106,9 @@ class Validator:
                 batch = collate([self.dataset[k] for k in self.items[lo : lo + self.micro_batch_size]])
                 anchors, keep = batch_anchors(batch, self.num_anchors, self.seed, ANCHOR_STEP)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                parts.append(local_sums(model, batch, anchors.to(self.device), keep.to(self.device),
-                                        self.loss_cfg).detach())
+                parts.append(
+                    local_sums(
+                        model, batch, anchors.to(self.device), keep.to(self.device), self.loss_cfg
+                    ).detach()
+                )
         return parts
