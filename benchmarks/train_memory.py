@@ -13,15 +13,15 @@ side in one run:
   settings;
 - each child builds the drafter with the target's dims (default: the embedded SmolLM2-135M,
   H=576, V=49152, block 7, Markov rank 256; ``--layers`` draft layers, 1 as in params.yaml),
-  one sample of ``--seq-len`` supervised tokens, then runs forward + backward + AdamW step once on a single block (warm-up:
-  gradients and optimizer state allocated) and ``--repeats`` times with all ``num_anchors``
-  blocks (time: the median; CPU seconds of the process on CPU, wall clock on CUDA);
+  one sample of ``--seq-len`` supervised tokens, then runs forward + backward + AdamW step once
+  on a single block (warm-up: gradients and optimizer state allocated) and ``--repeats`` times
+  with all ``num_anchors`` blocks (time: the median; CPU seconds of the process on CPU, wall clock on CUDA);
 - CPU: peak RSS increase of the measured steps (``resource.getrusage(RUSAGE_SELF).ru_maxrss``;
   tracemalloc does not see torch's allocator). By default the children run with
   ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS at once and the peak is
   that of the live tensors; ``--malloc adaptive`` keeps glibc's default (the RSS then also holds
-  freed heap memory that fragmentation keeps from being reused, noisy from run to run). CUDA: ``torch.cuda.max_memory_allocated``
-  increase over the memory held before the steps.
+  freed heap memory that fragmentation keeps from being reused, noisy from run to run).
+  CUDA: ``torch.cuda.max_memory_allocated`` increase over the memory held before the steps.
 
 ``--unchunked`` adds a third path: all blocks at once and a single chunk of logits (no bound).
 
@@ -44,12 +44,20 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring.")
     p.add_argument("--anchors", default="64,128,256,512", help="Comma-separated num_anchors values.")
-    p.add_argument("--chunk-blocks", type=int, default=32, help="chunk_blocks of the deferred and all-at-once paths.")
+    p.add_argument(
+        "--chunk-blocks", type=int, default=32, help="chunk_blocks of the deferred and all-at-once paths."
+    )
     p.add_argument("--repeats", type=int, default=2, help="Measured steps per setting (time: their median).")
-    p.add_argument("--unchunked", action="store_true", help="Also measure all blocks at once in a single chunk.")
-    p.add_argument("--malloc", choices=("fixed", "adaptive"), default="fixed",
-                   help="CPU: glibc's mmap threshold fixed at 64 KiB (RSS follows the live tensors) or its "
-                        "adaptive default (RSS also holds freed, fragmented heap).")
+    p.add_argument(
+        "--unchunked", action="store_true", help="Also measure all blocks at once in a single chunk."
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("fixed", "adaptive"),
+        default="fixed",
+        help="CPU: glibc's mmap threshold fixed at 64 KiB (RSS follows the live tensors) or its "
+        "adaptive default (RSS also holds freed, fragmented heap).",
+    )
     p.add_argument("--seq-len", type=int, default=1024, help="Tokens of the sample (all supervised).")
     p.add_argument("--vocab", type=int, default=49152, help="Vocabulary V (SmolLM2: 49152).")
     p.add_argument("--hidden", type=int, default=576, help="Hidden size H (SmolLM2: 576).")
@@ -94,10 +102,20 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     device = torch.device(args.device)
     H, V, S, L = args.hidden, args.vocab, args.seq_len, args.context_layers
     cfg = DraftModelConfig(
-        hidden_size=H, num_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=H // args.heads, intermediate_size=args.intermediate, rms_norm_eps=1e-5, rope_theta=1e5,
-        max_position_embeddings=max(8192, S + args.block_size), vocab_size=V, num_target_layers=30,
-        target_layer_ids=tuple(range(1, 1 + L)), block_size=args.block_size, markov_rank=args.markov_rank,
+        hidden_size=H,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=H // args.heads,
+        intermediate_size=args.intermediate,
+        rms_norm_eps=1e-5,
+        rope_theta=1e5,
+        max_position_embeddings=max(8192, S + args.block_size),
+        vocab_size=V,
+        num_target_layers=30,
+        target_layer_ids=tuple(range(1, 1 + L)),
+        block_size=args.block_size,
+        markov_rank=args.markov_rank,
         mask_token_id=V - 1,
     )
     model = DSparkDraft(cfg).to(device)
@@ -114,7 +132,9 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
         "final_hidden": None,
     }
     g = torch.Generator().manual_seed(0)
-    anchors, keep = sample_anchors(batch["loss_mask"].cpu(), batch["lengths"].cpu(), setting["num_anchors"], g)
+    anchors, keep = sample_anchors(
+        batch["loss_mask"].cpu(), batch["lengths"].cpu(), setting["num_anchors"], g
+    )
     anchors, keep = anchors.to(device), keep.to(device)
     # the README's numbers: l1_mode topk
     loss_cfg = LossConfig.from_train(TrainConfig(chunk_blocks=setting["chunk_blocks"], l1_mode="topk"))
@@ -152,8 +172,13 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(clock() - t0)
-    return {**setting, "blocks": int(keep.sum()), "step_peak_mib": (_peak_bytes(device) - before) / 2**20,
-            "seconds": statistics.median(seconds), "loss": losses[0]}
+    return {
+        **setting,
+        "blocks": int(keep.sum()),
+        "step_peak_mib": (_peak_bytes(device) - before) / 2**20,
+        "seconds": statistics.median(seconds),
+        "loss": losses[0],
+    }
 
 
 def main() -> None:
@@ -181,22 +206,32 @@ def main() -> None:
         if out.returncode != 0:
             raise SystemExit(f"setting {s} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  measured {s} -> {rows[-1]['step_peak_mib']:.0f} MiB, {rows[-1]['seconds']:.2f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"  measured {s} -> {rows[-1]['step_peak_mib']:.0f} MiB, {rows[-1]['seconds']:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     by = {(r["num_anchors"], r["path"]): r for r in rows}
-    print(f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, V={args.vocab}, "
-          f"H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, {args.layers} draft layer(s), "
-          f"chunk_blocks {args.chunk_blocks}, malloc {args.malloc}; "
-          f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, median of {args.repeats})")
+    print(
+        f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, "
+        f"V={args.vocab}, H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, "
+        f"{args.layers} draft layer(s), chunk_blocks {args.chunk_blocks}, malloc {args.malloc}; "
+        f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, "
+        f"median of {args.repeats})"
+    )
     extra = f" | {'unchunked MiB':>13} {'s':>6}" if args.unchunked else ""
-    print(f"{'num_anchors':>11} {'blocks':>6} | {'deferred MiB':>12} {'s':>6} | {'at once MiB':>11} {'s':>6} | "
-          f"{'at once/deferred MiB':>20} {'s':>5}{extra}")
+    print(
+        f"{'num_anchors':>11} {'blocks':>6} | {'deferred MiB':>12} {'s':>6} | {'at once MiB':>11} {'s':>6} | "
+        f"{'at once/deferred MiB':>20} {'s':>5}{extra}"
+    )
     for a in anchors:
         d, o = by[(a, "deferred")], by[(a, "at_once")]
-        line = (f"{a:>11} {d['blocks']:>6} | {d['step_peak_mib']:>12.0f} {d['seconds']:>6.2f} | "
-                f"{o['step_peak_mib']:>11.0f} {o['seconds']:>6.2f} | "
-                f"{o['step_peak_mib'] / max(d['step_peak_mib'], 1e-9):>20.2f} {o['seconds'] / d['seconds']:>5.2f}")
+        line = (
+            f"{a:>11} {d['blocks']:>6} | {d['step_peak_mib']:>12.0f} {d['seconds']:>6.2f} | "
+            f"{o['step_peak_mib']:>11.0f} {o['seconds']:>6.2f} | "
+            f"{o['step_peak_mib'] / max(d['step_peak_mib'], 1e-9):>20.2f} {o['seconds'] / d['seconds']:>5.2f}"
+        )
         if args.unchunked:
             u = by[(a, "unchunked")]
             line += f" | {u['step_peak_mib']:>13.0f} {u['seconds']:>6.2f}"
@@ -205,8 +240,11 @@ def main() -> None:
             raise SystemExit(f"num_anchors {a}: deferred loss {d['loss']} != all-at-once loss {o['loss']}")
     for p in paths:
         lo, hi = by[(anchors[0], p)], by[(anchors[-1], p)]
-        print(f"{p:>9} peak growth {anchors[0]} -> {anchors[-1]} anchors: "
-              f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.2f}x")
+        print(
+            f"{p:>9} peak growth {anchors[0]} -> {anchors[-1]} anchors: "
+            f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.2f}x"
+        )
+
 
 if __name__ == "__main__":
     main()

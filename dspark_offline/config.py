@@ -62,7 +62,9 @@ class PrepareConfig(_Section):
     num_eval_samples: int = Field(
         32, ge=0, description="Held-out samples for `evaluate` (its prompts), never used for training."
     )
-    max_length: int = Field(1024, ge=8, description="Rendered conversations are truncated to this many tokens.")
+    max_length: int = Field(
+        1024, ge=8, description="Rendered conversations are truncated to this many tokens."
+    )
     seed: int = Field(0, description="Seed of the deterministic sample selection and train/eval split.")
     max_records: int | None = Field(
         None,
@@ -80,16 +82,22 @@ class GenerateConfig(_Section):
         "writes only a marker).",
     )
     output: str = Field(
-        "data/generated", description="Directory the generated training data is written to (prepared-data format)."
+        "data/generated",
+        description="Directory the generated training data is written to (prepared-data format).",
     )
     max_new_tokens: int = Field(
-        256, ge=1, description="Answer tokens generated per prompt at most (the sample is also capped at "
-        "prepare.max_length tokens in all)."
+        256,
+        ge=1,
+        description="Answer tokens generated per prompt at most (the sample is also capped at "
+        "prepare.max_length tokens in all).",
     )
     temperature: float = Field(0.0, ge=0, description="0 = greedy; > 0 = sampling from softmax(logits / T).")
     top_p: float | None = Field(
-        None, gt=0, le=1, description="Nucleus sampling at temperature > 0: keep the smallest set of tokens "
-        "whose probability reaches top_p; None = off."
+        None,
+        gt=0,
+        le=1,
+        description="Nucleus sampling at temperature > 0: keep the smallest set of tokens "
+        "whose probability reaches top_p; None = off.",
     )
     stop_tokens: list[int | str] = Field(
         default_factory=list,
@@ -98,20 +106,28 @@ class GenerateConfig(_Section):
     )
     batch_size: int = Field(16, ge=1, description="Prompts decoded together (length-sorted, left-padded).")
     chunk_samples: int = Field(
-        64, ge=1, description="Prompts per chunk, the unit of resume: each finished chunk is saved in "
-        "<output>.partial/ until the run completes."
+        64,
+        ge=1,
+        description="Prompts per chunk, the unit of resume: each finished chunk is saved in "
+        "<output>.partial/ until the run completes.",
     )
     seed: int = Field(
-        0, description="Seed of sampling at temperature > 0; each prompt draws from its own generator "
-        "seeded with (seed, sample_id), so results do not depend on batching or resume."
+        0,
+        description="Seed of sampling at temperature > 0; each prompt draws from its own generator "
+        "seeded with (seed, sample_id), so results do not depend on batching or resume.",
     )
 
 
 # LLM(...) arguments the vLLM backend sets itself (hidden-state extraction needs them as they are).
 VLLM_RESERVED_ARGS = frozenset(
     {
-        "model", "tokenizer", "dtype", "speculative_config", "kv_transfer_config",
-        "enable_chunked_prefill", "enable_prefix_caching",
+        "model",
+        "tokenizer",
+        "dtype",
+        "speculative_config",
+        "kv_transfer_config",
+        "enable_chunked_prefill",
+        "enable_prefix_caching",
     }
 )
 
@@ -120,35 +136,46 @@ class VLLMEngineConfig(_Section):
     """Settings of the vLLM engine (`dump.backend: vllm`); None = vLLM's own default."""
 
     enforce_eager: bool | None = Field(
-        None, description="True: no CUDA graphs / torch.compile (start-up in seconds; the dump is prefill "
-        "only, where graphs help little). None = vLLM's default (False)."
+        None,
+        description="True: no CUDA graphs / torch.compile (start-up in seconds; the dump is prefill "
+        "only, where graphs help little). None = vLLM's default (False).",
     )
     gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="Fraction of GPU memory vLLM may take (weights + KV cache); "
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory vLLM may take (weights + KV cache); "
         "None = vLLM's default (0.9). On vLLM's CPU build it is the fraction of RAM reserved, and "
-        "must be free at start-up."
+        "must be free at start-up.",
     )
     kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="KV-cache size in bytes (the extracted hidden states live there too); "
+        None,
+        ge=1,
+        description="KV-cache size in bytes (the extracted hidden states live there too); "
         "set, it replaces the sizing by gpu_memory_utilization. None = vLLM's default on CUDA; on CPU "
-        "1 GiB unless gpu_memory_utilization is set (vLLM's CPU default reserves 92 % of the RAM)."
+        "1 GiB unless gpu_memory_utilization is set (vLLM's CPU default reserves 92 % of the RAM).",
     )
     max_model_len: int | None = Field(
-        None, ge=2, description="Longest sequence the engine accepts (sizes the KV cache); "
-        "None = the longest sample of the split + 1 (the dump decodes one token per sample)."
+        None,
+        ge=2,
+        description="Longest sequence the engine accepts (sizes the KV cache); "
+        "None = the longest sample of the split + 1 (the dump decodes one token per sample).",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the target over.")
     max_num_seqs: int | None = Field(
         None, ge=1, description="Samples per engine step at most; None = vLLM's default."
     )
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Tokens per engine step at most; must be >= max_model_len (every sample is "
-        "one unchunked prefill); None = vLLM's default for that setting."
+        None,
+        ge=1,
+        description="Tokens per engine step at most; must be >= max_model_len (every sample is "
+        "one unchunked prefill); None = vLLM's default for that setting.",
     )
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="Any other vllm.LLM / EngineArgs keyword arguments, passed as "
+        default_factory=dict,
+        description="Any other vllm.LLM / EngineArgs keyword arguments, passed as "
         "they are (checked against this vLLM's EngineArgs when the engine starts). The arguments the "
-        f"backend sets itself are refused: {', '.join(sorted(VLLM_RESERVED_ARGS))}."
+        f"backend sets itself are refused: {', '.join(sorted(VLLM_RESERVED_ARGS))}.",
     )
 
     @model_validator(mode="after")
@@ -170,9 +197,10 @@ class VLLMEngineConfig(_Section):
 class DumpConfig(_Section):
     store: str = Field("data/features.zarr", description="Feature store path or fsspec URL (Zarr v3).")
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="Target backend that runs the forward: 'hf' (transformers, CPU or CUDA) or 'vllm' "
+        "hf",
+        description="Target backend that runs the forward: 'hf' (transformers, CPU or CUDA) or 'vllm' "
         "(vLLM's hidden-state extraction; CUDA with the `vllm` extra, or CPU with vLLM's CPU build, "
-        "README). Also the engine of `generate`."
+        "README). Also the engine of `generate`.",
     )
     vllm: VLLMEngineConfig = Field(
         default_factory=VLLMEngineConfig, description="vLLM engine settings, used when backend is 'vllm'."
@@ -185,38 +213,50 @@ class DumpConfig(_Section):
     num_layer_ids: int = Field(5, ge=1, description="How many layer ids to pick when layer_ids is None.")
     top_k: int = Field(64, ge=1, description="Entries of the target next-token distribution to store.")
     store_final_hidden: bool | Literal["auto"] = Field(
-        "auto", description="Also store the final post-norm hidden state [T, H] (what train.l1_mode "
+        "auto",
+        description="Also store the final post-norm hidden state [T, H] (what train.l1_mode "
         "'recompute' and 'exact' read; 'capped' and 'topk' do not). 'auto' = store it when train.l1_mode "
         "reads it. Without it a store is smaller (904 of 5,812 B/token on the embedded default, README) "
-        "and trains only with l1_mode 'capped' or 'topk', lower bounds of the exact L1."
+        "and trains only with l1_mode 'capped' or 'topk', lower bounds of the exact L1.",
     )
     hidden_dtype: Literal["auto", "float32", "bfloat16", "float16", "float8_e4m3"] = Field(
-        "auto", description="Dtype of stored hidden states; 'auto' = the target compute dtype (bit-exact). "
+        "auto",
+        description="Dtype of stored hidden states; 'auto' = the target compute dtype (bit-exact). "
         "'float8_e4m3' = 1 byte per value plus a bfloat16 scale per token per layer (amax / 448; "
-        "store/fp8.py), decoded to float32 by the reader; final_hidden is then stored in bfloat16."
+        "store/fp8.py), decoded to float32 by the reader; final_hidden is then stored in bfloat16.",
     )
     batch_tokens: int = Field(8192, ge=1, description="Token budget of one target forward (padded B x S).")
     shard_tokens: int = Field(
-        16384, ge=1, description="Tokens per Zarr shard (the unit of writing and of resume); "
-        "raised to max_length when smaller."
+        16384,
+        ge=1,
+        description="Tokens per Zarr shard (the unit of writing and of resume); "
+        "raised to max_length when smaller.",
     )
-    chunk_tokens: int = Field(256, ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading).")
+    chunk_tokens: int = Field(
+        256, ge=1, description="Tokens per Zarr chunk inside a shard (unit of reading)."
+    )
     compressor: Literal["zstd", "blosc", "none"] = Field("zstd", description="Codec for feature arrays.")
     compression_level: int = Field(1, ge=0, le=22, description="Codec level.")
     writer_workers: int | None = Field(
-        None, ge=1, description="Shard writers beside the target forward: 1 = one background thread; N > 1 = "
+        None,
+        ge=1,
+        description="Shard writers beside the target forward: 1 = one background thread; N > 1 = "
         "N writer processes, shards handed over in shared memory (/dev/shm). None = 1 with a CPU target, "
         "else min(4, CPU cores per GPU). At most writer_workers + 3 shards are in host memory at once "
-        "(being written, 2 queued, 1 being filled). The store's bytes do not depend on it."
+        "(being written, 2 queued, 1 being filled). The store's bytes do not depend on it.",
     )
     num_parts: int | None = Field(
-        None, ge=1, description="Number of store parts (each written by one process); None = one per "
+        None,
+        ge=1,
+        description="Number of store parts (each written by one process); None = one per "
         "process of the launcher that started the dump (torchrun, deepspeed, srun), 1 without one. Under "
-        "a launcher it must be a multiple of the number of processes: rank r writes parts r, r + W, ..."
+        "a launcher it must be a multiple of the number of processes: rank r writes parts r, r + W, ...",
     )
     part_index: int | None = Field(
-        None, ge=0, description="Which part this process writes (overrides a launcher's rank); None = "
-        "the parts of this process's launcher rank, or without a launcher all parts, one after another."
+        None,
+        ge=0,
+        description="Which part this process writes (overrides a launcher's rank); None = "
+        "the parts of this process's launcher rank, or without a launcher all parts, one after another.",
     )
     overwrite: bool = Field(False, description="Replace a store made from different inputs or params.")
 
@@ -228,8 +268,9 @@ class DraftConfig(_Section):
     markov_rank: int = Field(256, ge=1, description="Rank r of the Markov head.")
     confidence_head: bool = Field(True, description="Per-slot acceptance predictor (DSpark).")
     mask_token_id: int | None = Field(
-        None, description="Mask token id; None = the target's mask token, else a spare embedding row, "
-        "else the token named by mask_token."
+        None,
+        description="Mask token id; None = the target's mask token, else a spare embedding row, "
+        "else the token named by mask_token.",
     )
     mask_token: str | None = Field(None, description="A rarely used special token to use as mask token.")
     intermediate_size: int | None = Field(None, ge=1, description="MLP width; None = the target's.")
@@ -252,7 +293,8 @@ class TrainConfig(_Section):
     l1_weight: float = Field(0.9, ge=0, description="Weight of the L1 distillation loss.")
     confidence_weight: float = Field(1.0, ge=0, description="Weight of the confidence BCE loss.")
     l1_mode: Literal["topk", "capped", "recompute", "exact"] = Field(
-        "recompute", description="How the L1 distillation term gets the target distribution p. "
+        "recompute",
+        description="How the L1 distillation term gets the target distribution p. "
         "'recompute' = p on the draft's (training) vocabulary recomputed from the stored final_hidden, "
         "its normaliser fitted on the stored top-k: exact up to fp16/bf16 rounding (mean |error| about "
         "1e-4 at top-64 on the embedded default, README), one more logits matmul over that vocabulary; "
@@ -260,10 +302,12 @@ class TrainConfig(_Section):
         "final_hidden over the whole vocabulary (no closer in practice, slower). Without final_hidden: "
         "'capped' = the tightest lower bound from the top-k alone (every tail probability <= the "
         "smallest stored one); 'topk' = Σ_K|q-p| + |Q_rest - r|, a looser lower bound (mean error "
-        "about -0.06 at top-64). benchmarks/topk_l1.py measures all four."
+        "about -0.06 at top-64). benchmarks/topk_l1.py measures all four.",
     )
     chunk_blocks: int = Field(
-        256, ge=1, description="Blocks per chunk when computing the draft states, logits and losses (one "
+        256,
+        ge=1,
+        description="Blocks per chunk when computing the draft states, logits and losses (one "
         "chunk's activations at a time: a step's memory does not grow with num_anchors).",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -271,58 +315,76 @@ class TrainConfig(_Section):
     )
     max_length: int | None = Field(None, ge=2, description="Truncate samples to this many tokens.")
     max_samples: int | None = Field(
-        None, ge=1, description="Train on at most this many samples: the first ones, in store order, "
+        None,
+        ge=1,
+        description="Train on at most this many samples: the first ones, in store order, "
         "of those left after the validation hold-out (which does not change). For data-size "
-        "experiments (benchmarks/tau_budget.py); None = all."
+        "experiments (benchmarks/tau_budget.py); None = all.",
     )
     cache_gb: float = Field(
-        4.0, ge=0, description="Keep the decoded training samples in memory, up to this many GiB per "
+        4.0,
+        ge=0,
+        description="Keep the decoded training samples in memory, up to this many GiB per "
         "process (and per DataLoader worker), so epochs after the first skip the store's reads and "
-        "decompression; samples beyond the cap are read from the store every time. 0 = off."
+        "decompression; samples beyond the cap are read from the store every time. 0 = off.",
     )
     vocab_size: int | None = Field(
-        None, ge=2, description="Train the draft logits over only this many target tokens: those with the "
+        None,
+        ge=2,
+        description="Train the draft logits over only this many target tokens: those with the "
         "most target probability and occurrences in the training samples (train/vocab.py). Cuts the "
         "cost of the logits, softmax and L1 by V / vocab_size; serving still scores the whole "
-        "vocabulary. None = the whole vocabulary."
+        "vocabulary. None = the whole vocabulary.",
     )
     markov_init: Literal["random", "bigram"] = Field(
-        "random", description="Initial Markov head: 'random' (N(0, 0.02)) or 'bigram' (a rank-r "
+        "random",
+        description="Initial Markov head: 'random' (N(0, 0.02)) or 'bigram' (a rank-r "
         "factorisation of the log bigram table of the training samples' supervised tokens, so the "
-        "head starts as a bigram model instead of learning one from scratch)."
+        "head starts as a bigram model instead of learning one from scratch).",
     )
     min_loss_tokens: int = Field(2, ge=0, description="Skip samples with fewer supervised tokens.")
     seed: int = Field(0, description="Seed of init, data order and anchor sampling.")
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     val_samples: int = Field(
-        0, ge=0, description="Store samples held out of training and scored (fixed anchors) into "
-        "metrics/val.tsv at step 0, every val_every steps and at the end; 0 = no validation."
+        0,
+        ge=0,
+        description="Store samples held out of training and scored (fixed anchors) into "
+        "metrics/val.tsv at step 0, every val_every steps and at the end; 0 = no validation.",
     )
     val_every: int = Field(100, ge=1, description="Score the held-out samples every N optimizer steps.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
     overwrite: bool = Field(
-        False, description="Start a fresh run in an output_dir that holds checkpoints, deleting them; "
-        "without it (and without resume) such a run is refused. The DVC stage sets it (DVC owns the outputs)."
+        False,
+        description="Start a fresh run in an output_dir that holds checkpoints, deleting them; "
+        "without it (and without resume) such a run is refused. The DVC stage sets it "
+        "(DVC owns the outputs).",
     )
     allow_param_change: bool = Field(
-        False, description="On resume, accept training params that differ from the checkpoint's "
+        False,
+        description="On resume, accept training params that differ from the checkpoint's "
         "(learning rate, schedule, batch, loss, data selection); without it such a resume is refused. "
-        "The drafter architecture can never change on resume."
+        "The drafter architecture can never change on resume.",
     )
     allow_partial_store: bool = Field(
-        False, description="Train on the complete parts of a store whose other parts are missing or "
-        "unfinished; without it such a store is refused (finish the dump first)."
+        False,
+        description="Train on the complete parts of a store whose other parts are missing or "
+        "unfinished; without it such a store is refused (finish the dump first).",
     )
 
 
 class ExportConfig(_Section):
-    output: str = Field("runs/default/drafter", description="Serving directory (config.json + model.safetensors).")
-    checkpoint: str | None = Field(None, description="Checkpoint directory; None = latest in train.output_dir.")
+    output: str = Field(
+        "runs/default/drafter", description="Serving directory (config.json + model.safetensors)."
+    )
+    checkpoint: str | None = Field(
+        None, description="Checkpoint directory; None = latest in train.output_dir."
+    )
     overwrite: bool = Field(
-        False, description="Replace the files of a non-empty output directory; without it export refuses "
-        "one (it would replace the config.json there). The DVC stage sets it (DVC owns the output)."
+        False,
+        description="Replace the files of a non-empty output directory; without it export refuses "
+        "one (it would replace the config.json there). The DVC stage sets it (DVC owns the output).",
     )
 
 
@@ -335,8 +397,10 @@ class EvaluateConfig(_Section):
         "None = no comparison.",
     )
     num_prompts: int = Field(
-        32, ge=1, description="Held-out prompts to decode (the first usable ones of the eval split); fewer "
-        "available is reported as a warning and in eval.json."
+        32,
+        ge=1,
+        description="Held-out prompts to decode (the first usable ones of the eval split); fewer "
+        "available is reported as a warning and in eval.json.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy verification; > 0 = rejection sampling.")
@@ -413,7 +477,9 @@ def _section_fields(loc: tuple) -> list[str]:
     model: type[BaseModel] = Params
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return list(model.model_fields)
@@ -439,9 +505,7 @@ def describe_validation_error(e: ValidationError) -> str:
     return "; ".join(out)
 
 
-def load_params(
-    paths: str | Path | list[str | Path] | None = None, overrides: dict | None = None
-) -> Params:
+def load_params(paths: str | Path | list[str | Path] | None = None, overrides: dict | None = None) -> Params:
     """Load params files (later files override earlier ones, field by field within a section;
     no file = all defaults), then apply dotted `section.field` (or `section.sub.field`) overrides,
     and validate once.

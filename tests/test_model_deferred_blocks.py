@@ -14,7 +14,9 @@ from dspark_offline.train.step import local_sums, pooled_loss
 
 
 def _anchors(batch, num=8, seed=0):
-    anchors, keep = sample_anchors(batch["loss_mask"], batch["lengths"], num, torch.Generator().manual_seed(seed))
+    anchors, keep = sample_anchors(
+        batch["loss_mask"], batch["lengths"], num, torch.Generator().manual_seed(seed)
+    )
     assert not keep.all()  # the short row has padding blocks
     return anchors, keep
 
@@ -59,8 +61,9 @@ def test_block_hidden_equals_every_block_at_once(make_tiny_draft):
         every, deferred = model(*args).hidden, model(*args, defer_blocks=True)  # [Bt, A, B, H]
         rows = torch.tensor([0, 0, 1, 2, 2, 0, 2])  # any order; runs of one row share a backbone call
         blocks = torch.tensor([5, 1, 8, 0, 8, 3, 3])
-        torch.testing.assert_close(model.block_hidden(deferred, rows, blocks), every[rows, blocks],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            model.block_hidden(deferred, rows, blocks), every[rows, blocks], rtol=1e-5, atol=1e-6
+        )
         for r in range(3):
             a = anchors.shape[1]
             got = model.block_hidden(deferred, torch.full((a,), r), torch.arange(a))

@@ -116,12 +116,21 @@ def test_blockwise_attention_equals_dense_sdpa(ctx_len):
     keep = torch.tensor([[True, True, True, False], [True, True, True, True]])
     a = anchors.shape[1]
     layout = block_layout(anchors, keep, ctx_len, b)
-    shapes = {"q": (bt, nh, a * b, hd), "k_ctx": (bt, nkv, ctx_len, hd), "v_ctx": (bt, nkv, ctx_len, hd),
-              "k_blk": (bt, nkv, a * b, hd), "v_blk": (bt, nkv, a * b, hd)}
-    t = {k: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for k, shape in shapes.items()}
+    shapes = {
+        "q": (bt, nh, a * b, hd),
+        "k_ctx": (bt, nkv, ctx_len, hd),
+        "v_ctx": (bt, nkv, ctx_len, hd),
+        "k_blk": (bt, nkv, a * b, hd),
+        "v_blk": (bt, nkv, a * b, hd),
+    }
+    t = {
+        k: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+        for k, shape in shapes.items()
+    }
     got = blockwise_attention(t["q"], t["k_ctx"], t["v_ctx"], t["k_blk"], t["v_blk"], layout)
-    want = _dense_attention(t["q"], torch.cat([t["k_ctx"], t["k_blk"]], 2), torch.cat([t["v_ctx"], t["v_blk"]], 2),
-                            layout.dense())
+    want = _dense_attention(
+        t["q"], torch.cat([t["k_ctx"], t["k_blk"]], 2), torch.cat([t["v_ctx"], t["v_blk"]], 2), layout.dense()
+    )
     torch.testing.assert_close(got, want)
     assert torch.equal(layout.dense(), block_attention_mask(anchors, keep, ctx_len, b))
     w = torch.randn(got.shape, generator=g, dtype=torch.float64)

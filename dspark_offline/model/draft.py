@@ -77,14 +77,18 @@ class DSparkDraft(nn.Module):
         self.register_buffer("train_vocab_index", None, persistent=False)
 
     # ---------------------------------------------------------------- frozen target head
-    def set_target_head(self, embed_tokens: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module) -> None:
+    def set_target_head(
+        self, embed_tokens: torch.Tensor | nn.Module, lm_head: torch.Tensor | nn.Module
+    ) -> None:
         """Attach the target's embedding and lm_head (tensors [V, H] or Embedding/Linear)."""
         emb = embed_tokens.weight if isinstance(embed_tokens, nn.Module) else embed_tokens
         head = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
         want = (self.cfg.vocab_size, self.cfg.hidden_size)
         for name, w in (("embed_tokens", emb), ("lm_head", head)):
             if tuple(w.shape) != want:
-                raise ValueError(f"target {name} has shape {tuple(w.shape)}, the drafter expects {want} (V, H)")
+                raise ValueError(
+                    f"target {name} has shape {tuple(w.shape)}, the drafter expects {want} (V, H)"
+                )
         dtype, dev = self.fc.weight.dtype, self.fc.weight.device
         self.embed_weight = emb.detach().to(device=dev, dtype=dtype)
         self.lm_head_weight = head.detach().to(device=dev, dtype=dtype)
@@ -101,7 +105,9 @@ class DSparkDraft(nn.Module):
             return
         ids = torch.as_tensor(ids, dtype=torch.int64).flatten().unique()  # sorted, no duplicates
         if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.cfg.vocab_size:
-            raise ValueError(f"training vocabulary must be a non-empty set of ids in [0, {self.cfg.vocab_size})")
+            raise ValueError(
+                f"training vocabulary must be a non-empty set of ids in [0, {self.cfg.vocab_size})"
+            )
         dev = self.fc.weight.device
         index = torch.full((self.cfg.vocab_size,), -1, dtype=torch.int64)
         index[ids] = torch.arange(ids.numel())
@@ -109,15 +115,18 @@ class DSparkDraft(nn.Module):
 
     def _require_head(self) -> None:
         if self.embed_weight is None or self.lm_head_weight is None:
-            raise RuntimeError("DSparkDraft has no target embedding/lm_head: call set_target_head(embed, lm_head)")
+            raise RuntimeError(
+                "DSparkDraft has no target embedding/lm_head: call set_target_head(embed, lm_head)"
+            )
 
     # ---------------------------------------------------------------- building blocks
     def context(self, hidden: torch.Tensor) -> torch.Tensor:
         """Target layer states [Bt, T, L, H] -> ctx [Bt, T, H] = hidden_norm(fc(concat_L))."""
         if hidden.shape[-2:] != (self.cfg.num_context_layers, self.cfg.hidden_size):
             raise ValueError(
-                f"target hidden states have shape {tuple(hidden.shape)}; expected [..., L={self.cfg.num_context_layers}, "
-                f"H={self.cfg.hidden_size}] (layer ids {list(self.cfg.target_layer_ids)})"
+                f"target hidden states have shape {tuple(hidden.shape)}; "
+                f"expected [..., L={self.cfg.num_context_layers}, H={self.cfg.hidden_size}] "
+                f"(layer ids {list(self.cfg.target_layer_ids)})"
             )
         flat = hidden.flatten(-2).to(self.fc.weight.dtype)  # [Bt, T, L·H], layer-major concat
         return self.hidden_norm(self.fc(flat))
@@ -136,7 +145,9 @@ class DSparkDraft(nn.Module):
         )  # [hd/2]
         return rope_cos_sin(positions, inv_freq, dtype)
 
-    def context_kv(self, ctx: torch.Tensor, ctx_positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_kv(
+        self, ctx: torch.Tensor, ctx_positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """ctx [Bt, T, H] at positions [Bt, T] -> per draft layer its context keys and values
         [Bt, nkv, T, hd]: what every block of the batch attends to."""
         rope_ctx = self._rope(ctx_positions, ctx.dtype)
@@ -167,14 +178,16 @@ class DSparkDraft(nn.Module):
         head = self.lm_head_weight if vocab is None else self.lm_head_weight[vocab]  # [V or Vs, H]
         return vocab_logits(hidden.to(head.dtype), head).float()
 
-    def block_logits(self, hidden: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def block_logits(
+        self, hidden: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Draft logits [..., V] float32 = lm_head(h) (+ W2(W1[prev]) with the Markov head);
         [..., len(vocab)] over the vocabulary entries ``vocab`` only when given."""
         return self._add_markov(self.head_logits(hidden, vocab), prev_ids, vocab)
 
-    def _add_markov(self, head_logits: torch.Tensor, prev_ids: torch.Tensor,
-                    vocab: torch.Tensor | None = None) -> torch.Tensor:
+    def _add_markov(
+        self, head_logits: torch.Tensor, prev_ids: torch.Tensor, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.markov_head is None:
             return head_logits
         return head_logits + self.markov_head.bias(prev_ids, rows=vocab).float()

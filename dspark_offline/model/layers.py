@@ -97,7 +97,9 @@ class DraftAttention(nn.Module):
             out = blockwise_attention(q, k_ctx, v_ctx, k_blk, v_blk, mask)  # [Bt, nh, Q, hd]
         else:  # CUDA: SDPA's kernels take the dense mask without materialising the scores
             dense = mask.dense() if isinstance(mask, BlockLayout) else mask
-            out = _dense_attention(q, torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2), dense)
+            out = _dense_attention(
+                q, torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2), dense
+            )
         out = out.transpose(1, 2).reshape(*x.shape[:2], self.nh * self.hd)  # [Bt, Q, nh·hd]
         return self.o_proj(out)
 
@@ -108,7 +110,9 @@ def _dense_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     # rows attend everywhere and zero their output afterwards: finite forward, zero grads.
     has_key = mask.any(dim=-1, keepdim=True)  # [Bt, Q, 1]
     safe = mask | ~has_key
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None], enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=safe[:, None], enable_gqa=q.shape[1] != k.shape[1]
+    )
     return out * has_key[:, None].to(out.dtype)  # [Bt, nh, Q, hd]
 
 
@@ -133,7 +137,9 @@ def blockwise_attention(
     s_ctx = qg @ k_ctx[:, :, None].transpose(-1, -2)  # [Bt, nkv, g, A·B, T]
     hidden = ~layout.ctx_visible.repeat_interleave(b, dim=1)[:, None, None]  # [Bt, 1, 1, A·B, T]
     s_ctx = s_ctx.masked_fill(hidden, float("-inf")).view(bt, nkv, g, a, b, t)
-    s_blk = qg.view(bt, nkv, g, a, b, hd) @ k_blk.view(bt, nkv, 1, a, b, hd).transpose(-1, -2)  # [.., A, B, B]
+    s_blk = qg.view(bt, nkv, g, a, b, hd) @ k_blk.view(bt, nkv, 1, a, b, hd).transpose(
+        -1, -2
+    )  # [.., A, B, B]
     scores = torch.cat([s_ctx, s_blk], dim=-1)  # [Bt, nkv, g, A, B, T+B]
     p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     out = p[..., :t].reshape(bt, nkv, g, qn, t) @ v_ctx[:, :, None]  # [Bt, nkv, g, A·B, hd]

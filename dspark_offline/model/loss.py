@@ -109,8 +109,14 @@ def _chunk_sums(model: DSparkDraft, out: DraftOutput, t: BlockTargets, l1_mode: 
     w = t.weight
     zero = h.new_zeros((), dtype=torch.float32)
     return LossSums(
-        ce=(ce * w).sum(), l1=(l1 * w).sum(), bce=(bce * w).sum(), conf_target=(target * w).sum(),
-        conf_floor=(floor * w).sum(), weight=zero, tokens=zero, blocks=zero,
+        ce=(ce * w).sum(),
+        l1=(l1 * w).sum(),
+        bce=(bce * w).sum(),
+        conf_target=(target * w).sum(),
+        conf_floor=(floor * w).sum(),
+        weight=zero,
+        tokens=zero,
+        blocks=zero,
         tau=((accept * ef).cumprod(-1).sum(-1) + 1.0).sum(),  # all blocks here are supervised
         # greedy verification accepts slot j iff every slot <= j drafted the target's top-1 token
         greedy=(((guess == t.topk_ids[..., 0]).float() * ef).cumprod(-1).sum(-1) + 1.0).sum().detach(),
