@@ -23,7 +23,9 @@ def embedded_target_dir() -> Path:
     return resolve_target_path("embedded:smollm2")
 
 
-def _make_tiny(out: Path, tokenizer_dir: Path, arch: str) -> Path:
+def _save_tiny(out: Path, tokenizer_dir: Path, arch: str, **config) -> Path:
+    """A random 4-layer, H=64 Llama or Qwen3 (seed 0) with the given tokenizer, saved to `out`;
+    `config` adds to or overrides the shared shape."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -41,14 +43,19 @@ def _make_tiny(out: Path, tokenizer_dir: Path, arch: str) -> Path:
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
+        **config,
     }
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+        model = LlamaForCausalLM(LlamaConfig(**common))
     else:
-        model = Qwen3ForCausalLM(Qwen3Config(**common, tie_word_embeddings=False))
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _make_tiny(out: Path, tokenizer_dir: Path, arch: str) -> Path:
+    return _save_tiny(out, tokenizer_dir, arch, tie_word_embeddings=arch == "llama")
 
 
 @pytest.fixture(scope="session")
@@ -67,31 +74,7 @@ def _make_chatty(out: Path, tokenizer_dir: Path, arch: str) -> Path:
     """Like `_make_tiny` but with a wider init and an untied head, so that greedy answers vary
     with the prompt (the tiny targets above answer every prompt with one repeated token, which
     makes decoding comparisons vacuous)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = {
-        "vocab_size": len(tok),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 2048,
-        "initializer_range": 0.1,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "tie_word_embeddings": False,
-    }
-    config = LlamaConfig(**common) if arch == "llama" else Qwen3Config(**common)
-    model = (LlamaForCausalLM if arch == "llama" else Qwen3ForCausalLM)(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _save_tiny(out, tokenizer_dir, arch, initializer_range=0.1, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
