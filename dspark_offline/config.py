@@ -342,6 +342,12 @@ class TrainConfig(_Section):
         "factorisation of the log bigram table of the training samples' supervised tokens, so the "
         "head starts as a bigram model instead of learning one from scratch).",
     )
+    layer_init: Literal["random", "target"] = Field(
+        "random",
+        description="Initial draft layers: 'random' (N(0, 0.02)) or 'target' (copies of the target's "
+        "decoder layers right after the deepest stored layer, fc passing that layer's state through, "
+        "the target's norms; read from target.path, which must be on this machine).",
+    )
     min_loss_tokens: int = Field(2, ge=0, description="Skip samples with fewer supervised tokens.")
     seed: int = Field(0, description="Seed of init, data order and anchor sampling.")
     save_every: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")

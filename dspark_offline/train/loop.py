@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 from dspark_offline.config import Params
 from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig
+from dspark_offline.target.embedded import resolve_target_path
 from dspark_offline.train import checkpoint, dist, preflight
 from dspark_offline.train.anchors import batch_anchors
 from dspark_offline.train.dataset import FeatureDataset, collate, loader_workers
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
+from dspark_offline.train.layer_init import init_layers_from_target
 from dspark_offline.train.markov_init import init_markov_bigram
 from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
 from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
@@ -108,6 +110,9 @@ def run(params: Params) -> dict:
             f"{cfg.markov_rank} explains {explained:.0%} of it)",
             info.is_main,
         )
+    if tc.layer_init == "target" and resume_from is None:
+        target_dir = resolve_target_path(params.target.path, params.target.cache_dir)
+        _say(init_layers_from_target(model, target_dir, head["final_norm"]), info.is_main)
     dtype = resolve_dtype(tc.dtype, info.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over each flat parameter group instead of a dozen elementwise passes
