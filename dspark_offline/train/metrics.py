@@ -2,6 +2,8 @@
 
 * ``<output_dir>/metrics/train.tsv`` — one row per logged optimizer step, fixed columns
   (:data:`COLUMNS`), so ``dvc plots show`` can draw ``loss`` / ``tau_probabilistic`` vs ``step``.
+  ``data_wait`` is the share of step wall time rank 0 spent waiting for its next batch over the
+  steps since the previous row (`train/loader.py`; the run's first step, start-up, not counted).
 * ``<output_dir>/metrics/val.tsv`` — the held-out samples scored at fixed steps
   (:data:`VAL_COLUMNS`; see ``train/validate.py``).
 * ``<output_dir>/metrics.json`` — the summary of the run (last-step values, throughput, plan).
@@ -34,6 +36,7 @@ COLUMNS = (
     "tau_greedy",
     "lr",
     "tokens_per_s",
+    "data_wait",
 )
 VAL_COLUMNS = (
     "step",
