@@ -15,9 +15,9 @@ Two configurations by default, `--epochs` (2) each:
 - `smollm2`: the embedded default's shape (H 576, 5 layers + final hidden, top-64, bf16; 256
   samples of 32-350 tokens; micro batch 2; 0 workers as on CPU; step 0.42 s, the default's
   measured CPU step);
-- `qwen3-8b`: Qwen3-8B's width (H 4096; 48 samples of 256-2048 tokens; micro batch 1; 2 workers
-  as on CUDA; step 0.10 s, an *assumed* H200 step of the 5-layer drafter: give the measured one
-  with --step-s).
+- `qwen3-8b`: Qwen3-8B's width (H 4096; 48 samples of 256-2048 tokens; micro batch 1; 2 workers,
+  the CUDA default before `train.loader_workers` auto (train/loader.py); step 0.10 s, an
+  *assumed* H200 step of the 5-layer drafter: give the measured one with --step-s).
 
 Also printed: the loader's CPU seconds per batch (this process and its workers), and from it the
 loader workers a host needs for <= 2 % waiting at that step time, given free cores (the rates

@@ -281,11 +281,14 @@ def evaluate(
 
 @app.command()
 def inspect(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]) -> None:
-    """Print the store manifest and per-part counts (samples, tokens, bytes/token, completeness)."""
-    from dspark_offline.store.inspect import format_inspect
+    """Print the store manifest and per-part counts (samples, tokens, bytes/token, completeness).
+    A store failing the quick integrity check (`verify --quick`) ends with an error line, exit 2."""
+    from dspark_offline.store.inspect import check_inspected, format_inspect
     from dspark_offline.store.inspect import inspect as inspect_store
 
-    typer.echo(format_inspect(inspect_store(store)))
+    info = inspect_store(store)
+    typer.echo(format_inspect(info))
+    check_inspected(info)
 
 
 @app.command()

@@ -328,6 +328,17 @@ class TrainConfig(_Section):
         "process (and per DataLoader worker), so epochs after the first skip the store's reads and "
         "decompression; samples beyond the cap are read from the store every time. 0 = off.",
     )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes per rank reading the next batches during the step. "
+        "None = auto: 0 on CPU (every core computes the step; reading is part of it); on CUDA "
+        "ceil(read cost per token x 12,000 tokens/s / 0.98), the read cost measured on a few "
+        "micro-batches at start-up and 12,000 tokens/s an assumed GPU step (a 5-layer drafter at "
+        "Qwen3-8B width on an H200), at least 2 and at most the rank's CPU cores less one. "
+        "train.tsv's data_wait logs the share of each step spent waiting for data; on CUDA or with "
+        "workers one warning names this field when it passes 2 %.",
+    )
     vocab_size: int | None = Field(
         None,
         ge=2,

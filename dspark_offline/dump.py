@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from dspark_offline import __version__, launch
 from dspark_offline.config import Params, ParamsError
 from dspark_offline.outputs import check_output_dir
-from dspark_offline.store import fp8
+from dspark_offline.store import finite, fp8
 from dspark_offline.store.background import BackgroundWriter, default_workers
 from dspark_offline.store.dtypes import to_storage
 from dspark_offline.store.lock import part_locks
@@ -182,14 +182,23 @@ def _compute_shard(
             ids[b, : lens[b]] = torch.from_numpy(s_ids.astype(np.int64))
             attn[b, : lens[b]] = 1
         out = target.forward(ids, attn)
+        where = functools.partial(_sample_where, split, plan, members)  # row b -> "...: sample i (...)"
+        # inf/NaN (or what the stored dtype would turn into inf): refused, named, before anything is stored
+        stored = [n for n in ("hidden", "final_hidden") if n in state.specs]
+        features = {n: (getattr(out, n), state.specs[n][0]) for n in stored}
+        finite.check_batch(features, [int(n) for n in lens], where, state.manifest.layer_ids)
         for b, r in enumerate(members):
             off, n = int(plan.sample_start[r]) - shard.start, int(lens[b])
-            src = int(plan.source_index[r])
-            where = f"{split.root}/{SPLIT}: sample {src} (sample_id {int(split.sample_ids[src])})"
-            for name, value in _stored_arrays(out, b, n, state, where).items():
+            for name, value in _stored_arrays(out, b, n, state, where(b)).items():
                 bufs[name][off : off + n] = value
         bar.update(int(lens.sum()))
     return bufs
+
+
+def _sample_where(split, plan: PartPlan, members: np.ndarray, b: int) -> str:
+    """Row `b` of a target batch of `members` (rows of the part plan), named for error messages."""
+    src = int(plan.source_index[members[b]])
+    return f"{split.root}/{SPLIT}: sample {src} (sample_id {int(split.sample_ids[src])})"
 
 
 def _stored_arrays(out, b: int, n: int, state: PartState, where: str) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ def render_schemas() -> dict[str, str]:
     params = {"$schema": DRAFT, **Params.model_json_schema()}
     params["title"] = "dspark-offline params.yaml"
     store = {"$schema": DRAFT, **Manifest.model_json_schema()}
-    store["title"] = f"dspark-offline feature store manifest (format_version {FORMAT_VERSION})"
+    store["title"] = f"dspark-offline feature store manifest (format_version 1 to {FORMAT_VERSION})"
     store["description"] = f"Root attribute '{MANIFEST_ATTR}' of a dspark-offline Zarr v3 feature store. " + (
         store.get("description") or ""
     )

@@ -1,5 +1,8 @@
 """The dump stage on tiny random targets: exact features, resume, parts, refusals."""
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from dspark_offline import dump
 from dspark_offline.config import Params
 from dspark_offline.data.errors import PreparedDataError
 from dspark_offline.data.prepared import PreparedSplit
-from dspark_offline.store import StoreMismatchError, open_store
+from dspark_offline.store import StoreError, StoreMismatchError, open_store
+from dspark_offline.store.finite import NonFiniteFeatureError
 from dspark_offline.store.inspect import verify
 from dspark_offline.target.hf_backend import HFTarget
 from dspark_offline.target.layers import default_layer_ids
@@ -99,6 +103,68 @@ def test_bad_prepared_tokens_are_named(tiny_llama_dir, make_prepared, tmp_path):
         PreparedDataError, match=r"sample \d \(sample_id \d\) has token id \d+ >= target vocab_size=49152"
     ):
         dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr"))
+
+
+def poison(monkeypatch, field: str, where, value: float) -> list[int]:
+    """HFTarget.forward with `value` put into its `field` output at `where` (an index, or a
+    function of the attention mask giving a boolean mask); returns the padded tokens per batch."""
+    forward, padded = HFTarget.forward, []
+
+    def poisoned(self, ids, attn):
+        out = forward(self, ids, attn)
+        t = getattr(out, field).clone()
+        t[where(attn) if callable(where) else where] = value
+        padded.append(int((attn == 0).sum()))
+        return dataclasses.replace(out, **{field: t})
+
+    monkeypatch.setattr(HFTarget, "forward", poisoned)
+    return padded
+
+
+@pytest.mark.parametrize(
+    "hidden_dtype, field, index, value, message",
+    [
+        ("float32", "hidden", (0, 3, 1, 7), math.nan, "hidden state is nan at token 3, layer 2, channel 7"),
+        ("bfloat16", "hidden", (0, 0, 0, 0), math.inf, "hidden state is inf at token 0, layer 0, channel 0"),
+        (
+            "float16",
+            "final_hidden",
+            (0, 2, 9),
+            -math.inf,
+            "final_hidden is -inf at token 2, after the final norm, channel 9",
+        ),
+        (  # finite in the target's float32, inf once stored as float16
+            "float16",
+            "hidden",
+            (0, 1, 2, 3),
+            7e4,
+            (
+                r"hidden state is 70000.0 \(beyond float16's ±65504: it would be stored as inf\) at "
+                "token 1, layer 3, channel 3"
+            ),
+        ),
+    ],
+)
+def test_non_finite_features_are_refused_in_every_dtype(
+    tiny_llama_dir, make_prepared, tmp_path, monkeypatch, hidden_dtype, field, index, value, message
+):
+    prepared = make_prepared(3, min_len=8, max_len=12)
+    poison(monkeypatch, field, index, value)
+    params = make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr", hidden_dtype=hidden_dtype)
+    with pytest.raises(NonFiniteFeatureError, match=r"train: sample \d \(sample_id \d+\): " + message):
+        dump.run(params)
+    with pytest.raises(StoreError, match="incomplete parts"):  # nothing marked complete
+        open_store(str(tmp_path / "f.zarr"))
+
+
+def test_non_finite_padding_is_not_a_feature(tiny_llama_dir, make_prepared, tmp_path, monkeypatch):
+    """Only a sample's own tokens are stored, so only they are checked: inf/NaN on the padded
+    positions of a batch (what an attention kernel may leave there) is no reason to stop."""
+    prepared = make_prepared(6, min_len=5, max_len=30)
+    padded = poison(monkeypatch, "hidden", lambda attn: attn == 0, math.nan)
+    store = open_store(dump.run(make_params(tiny_llama_dir, prepared, tmp_path / "f.zarr")))
+    assert sum(padded) > 0  # the poison was there
+    assert all(torch.isfinite(store.sample(i).hidden).all() for i in range(len(store)))
 
 
 def test_embedded_target_dump_bf16(embedded_target_dir, make_prepared, tmp_path):

@@ -280,10 +280,30 @@ def test_part_from_another_dump(monkeypatch, capsys, store, tmp_path):
     )
 
 
-def test_inspect_shows_the_damage(monkeypatch, capsys, store):
+def test_inspect_shows_the_damage_and_exits_2(monkeypatch, capsys, store):
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", store)
+    assert code == 0 and "integrity  quick check OK" in out and not err  # healthy
     (store / "part-00000" / "sample_start" / "c" / "0").unlink()
-    code, out, _ = run_cli(monkeypatch, capsys, "inspect", store)
-    assert code == 0 and "integrity  DAMAGED: part-00000/sample_start chunk 0" in out
+    (store / "part-00000" / "topk_ids" / "c" / "1" / "0").unlink()
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", store)
+    assert "integrity  DAMAGED: part-00000/sample_start chunk 0" in out  # the summary still comes first
+    line = one_error_line(err)
+    assert code == 2, out + err
+    assert line.startswith(f"error: StoreIntegrityError: {store}: damaged feature store: "), line
+    assert "part-00000/sample_start chunk 0" in line and "(and 1 more)" in line, line
+    assert f"dspark-offline verify {store}" in line, line
+
+
+def test_inspect_of_an_unfinished_store_exits_0(monkeypatch, capsys, synthetic_store):
+    """A store still being dumped is incomplete, not damaged: inspect shows how far it got."""
+    from conftest import synthetic_manifest
+
+    synth = synthetic_store([5, 30, 17, 9, 22] * 4, synthetic_manifest(num_parts=2))
+    synth.write(parts=[0])
+    synth.write(parts=[1], max_shards=1)
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", synth.path)
+    assert code == 0 and not err, out + err
+    assert "INCOMPLETE" in out and "quick check OK" in out
 
 
 # -- an edited manifest -------------------------------------------------------------------------

@@ -6,11 +6,13 @@ from conftest import synthetic_manifest
 from dspark_offline.store.manifest import (
     FORMAT_VERSION,
     MANIFEST_ATTR,
+    ArrayDtypes,
     Manifest,
     StoreError,
     StoreMismatchError,
     check_compatible,
     fingerprint_fields,
+    needed_format_version,
     parse_manifest,
 )
 
@@ -27,17 +29,59 @@ def test_every_field_has_a_description():
         walk(sub.get("properties", {}), name)
 
 
-def test_parse_refuses_unknown_version_and_foreign_format():
+def test_parse_refuses_newer_versions_and_foreign_format():
     good = synthetic_manifest().model_dump(mode="json")
-    assert parse_manifest({MANIFEST_ATTR: good}, "s").format_version == FORMAT_VERSION
-    with pytest.raises(StoreError, match="format_version=99 is not supported"):
-        parse_manifest({MANIFEST_ATTR: {**good, "format_version": 99}}, "s.zarr")
+    for version in range(1, FORMAT_VERSION + 1):  # every version up to this reader's
+        parsed = parse_manifest({MANIFEST_ATTR: {**good, "format_version": version}}, "s")
+        assert parsed.format_version == version
+    newer = FORMAT_VERSION + 1
+    with pytest.raises(
+        StoreError,
+        match=rf"^s\.zarr: written by a newer dspark-offline .*format_version={newer}, this dspark-offline "
+        rf"reads up to format_version={FORMAT_VERSION}\); upgrade dspark-offline",
+    ):
+        parse_manifest({MANIFEST_ATTR: {**good, "format_version": newer}}, "s.zarr")
+    for garbage in (0, "2", True, None, 1.0):
+        with pytest.raises(StoreError, match=rf"format_version={garbage!r} is not a format version"):
+            parse_manifest({MANIFEST_ATTR: {**good, "format_version": garbage}}, "s.zarr")
     with pytest.raises(StoreError, match="not a dspark-offline feature store"):
         parse_manifest({}, "s.zarr")
     with pytest.raises(StoreError, match="'other'"):
         parse_manifest({MANIFEST_ATTR: {**good, "format": "other"}}, "s.zarr")
     with pytest.raises(StoreError, match="invalid manifest"):
         parse_manifest({MANIFEST_ATTR: {**good, "top_k": "many"}}, "s.zarr")
+
+
+@pytest.mark.parametrize(
+    ("hidden", "final_hidden", "version"),
+    [
+        ("float32", "float32", 1),
+        ("bfloat16", "bfloat16", 1),  # the default store
+        ("float16", "float16", 1),
+        ("bfloat16", None, 2),  # no final_hidden
+        ("float8_e4m3", "bfloat16", 2),
+        ("float8_e4m3", None, 2),
+    ],
+)
+def test_format_version_is_the_oldest_reader_that_reads_the_store(hidden, final_hidden, version):
+    scale = "bfloat16" if hidden == "float8_e4m3" else None
+    dtypes = ArrayDtypes(hidden=hidden, hidden_scale=scale, final_hidden=final_hidden, head="bfloat16")
+    m = synthetic_manifest(dtypes=dtypes, has_final_hidden=final_hidden is not None)
+    assert m.format_version == needed_format_version(hidden, final_hidden is not None) == version
+    assert version <= FORMAT_VERSION  # this reader reads every store it writes
+    raw = m.model_dump(mode="json")
+    assert parse_manifest({MANIFEST_ATTR: raw}, "s") == m  # read back as written
+    # a float8 store written before the rule says 1; this reader still reads it as it is
+    assert parse_manifest({MANIFEST_ATTR: {**raw, "format_version": 1}}, "s").format_version == 1
+
+
+def test_a_store_every_reader_reads_keeps_its_manifest():
+    """The default store's manifest (and so its fingerprint and DVC identity) is what it was
+    before format_version meant the oldest reader: version 1, the field where it always was."""
+    m = synthetic_manifest()
+    raw = m.model_dump(mode="json")
+    assert raw["format_version"] == 1 and list(raw)[:2] == ["format", "format_version"]
+    assert fingerprint_fields(m)["format_version"] == 1
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 import zarr
 from conftest import synthetic_manifest
 
-from dspark_offline.store import StoreError, StoreMismatchError, open_store
+from dspark_offline.store import FORMAT_VERSION, StoreError, StoreMismatchError, open_store
 from dspark_offline.store.background import BackgroundWriter
 from dspark_offline.store.writer import open_part, open_store_for_write
 
@@ -103,9 +103,9 @@ def test_reader_refuses_incomplete_parts_by_name(synthetic_store):
 def test_reader_refuses_unknown_version_and_missing_store(synthetic_store, tmp_path):
     synth = synthetic_store(LENGTHS)
     root = synth.write()
-    attrs = dict(root.attrs["dspark_offline"], format_version=2)
+    attrs = dict(root.attrs["dspark_offline"], format_version=FORMAT_VERSION + 1)
     root.attrs["dspark_offline"] = attrs
-    with pytest.raises(StoreError, match="format_version=2 is not supported"):
+    with pytest.raises(StoreError, match=f"{synth.path}: written by a newer dspark-offline.*upgrade"):
         open_store(synth.path)
     with pytest.raises(StoreError, match="no feature store"):
         open_store(str(tmp_path / "absent.zarr"))

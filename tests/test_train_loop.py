@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -350,3 +351,34 @@ def test_max_samples_trains_on_a_prefix_and_keeps_the_validation_split(store, tm
     assert full["plan"]["steps_per_epoch"] == 5 and cut["plan"]["steps_per_epoch"] == 2  # 10 vs 4 samples
     first_val = lambda out: read_tsv(out / "metrics" / "val.tsv")[0]
     assert first_val(tmp_path / "full")["ce"] == first_val(tmp_path / "cut")["ce"]  # same samples, same init
+
+
+def test_loader_workers_move_the_reads_not_the_results_and_the_wait_is_logged(
+    store, tmp_path, capsys, monkeypatch
+):
+    """train.loader_workers on CPU: the same losses as the default's inline reads; train.tsv's
+    data_wait is each window's share of the step spent in next(batches); reads too slow for the
+    workers end in one warning naming the field."""
+    kw = {"max_steps": 6, "log_every": 2, "save_every": 6}
+    train_run(make_params(store, tmp_path / "inline", **kw))
+    assert "reading is part of the step" in capsys.readouterr().out
+    train_run(make_params(store, tmp_path / "workers", loader_workers=2, **kw))
+    assert "loader: 2 DataLoader worker(s) per rank (train.loader_workers)" in capsys.readouterr().out
+    inline, workers = (read_tsv(tmp_path / run / "metrics" / "train.tsv") for run in ("inline", "workers"))
+    assert [r["loss"] for r in workers] == [r["loss"] for r in inline]
+    for rows in (inline, workers):
+        assert [r["step"] for r in rows] == [2, 4, 6]
+        assert all(0 <= r["data_wait"] < 1 for r in rows), rows
+
+    real_read = FeatureDataset._read
+
+    def slow_read(self, k):
+        time.sleep(0.2)
+        return real_read(self, k)
+
+    monkeypatch.setattr(FeatureDataset, "_read", slow_read)  # the forked workers inherit it
+    train_run(make_params(store, tmp_path / "slow", loader_workers=1, cache_gb=0, **{**kw, "max_steps": 4}))
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if "warning:" in ln]
+    assert len(warnings) == 1 and "train.loader_workers" in warnings[0], warnings
+    rows = read_tsv(tmp_path / "slow" / "metrics" / "train.tsv")
+    assert all(r["data_wait"] > 0.02 for r in rows), rows

@@ -212,6 +212,22 @@ def test_metrics_sink_rows_and_resume_truncation(tmp_path):
     assert not other.exists()
 
 
+def test_resume_keeps_the_rows_of_a_run_logged_before_a_column_was_added(tmp_path):
+    """A run checkpointed before train.tsv had `data_wait` resumes with its rows kept (nan there)."""
+    tsv = tmp_path / "metrics" / "train.tsv"
+    tsv.parent.mkdir()
+    old = COLUMNS[: COLUMNS.index("data_wait")]
+    rows = [[str(step), *["0.5"] * (len(old) - 1)] for step in (1, 2, 3)]
+    tsv.write_text("\n".join("\t".join(r) for r in [list(old), *rows]) + "\n")
+    MetricsSink(tmp_path, enabled=True, resume_step=2).log(3, {"loss": 0.25, "data_wait": 0.01})
+    got = read_tsv(tsv)
+    assert [r["step"] for r in got] == [1, 2, 3] and list(got[0]) == list(COLUMNS)
+    assert got[1]["loss"] == 0.5 and math.isnan(got[1]["data_wait"]) and got[2]["data_wait"] == 0.01
+    tsv.write_text("step\tsomething_else\n1\t2\n")  # not a prefix of the columns: starts afresh
+    MetricsSink(tmp_path, enabled=True, resume_step=2)
+    assert read_tsv(tsv) == []
+
+
 def _sums(**values) -> LossSums:
     """LossSums of block size 2 with the given entries (scalars or [2] lists), zeros elsewhere."""
     sums = LossSums.zeros(2)

@@ -14,7 +14,8 @@ bfloat16 has float32's exponent range, so no scale over- or underflows (float16 
 with amax > 2.9e7 or < 2.7e-5). The error of a value is at most half an e4m3 step: <= |x| / 16
 for values within e4m3's normal range of the row, <= scale * 2^-10 below it. The decode is exact
 in float32 (a 4-bit by 8-bit significand product). An all-zero row gets scale 0 and decodes to
-zeros. A non-finite value cannot be scaled: it is an error naming the sample, token and layer.
+zeros. A non-finite value cannot be scaled: it is an error naming the sample, token and layer
+(store/finite.py; the dump checks every target batch before this, whatever the dtype).
 
 zarr 3.1 has no float8 data type, so the codes are stored as uint8 with `logical_dtype =
 "float8_e4m3"` (store/dtypes.py) and the manifest's `dtypes.hidden_scale` names the scale array.
@@ -25,13 +26,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dspark_offline.store.finite import NonFiniteFeatureError, describe
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 FP8_DTYPE = "float8_e4m3"  # logical dtype name (manifest, array attribute, params)
 SCALE_DTYPE = "bfloat16"  # logical dtype of the scale array
-
-
-class NonFiniteFeatureError(ValueError):
-    """A hidden state to be stored in float8 holds inf or NaN (names the sample, token and layer)."""
 
 
 def _bf16_round_up(t: torch.Tensor) -> torch.Tensor:
@@ -53,14 +52,9 @@ def encode(
     x = x.detach().to("cpu", torch.float32)
     amax = x.abs().amax(dim=-1)  # [..., L]
     if not torch.isfinite(amax).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()  # first non-finite element: [..., l, h]
-        *lead, layer, channel = bad
-        name = f"layer {layer_ids[layer]}" if layer_ids is not None else f"layer slot {layer}"
-        token = f"token {lead[-1]}, " if lead else ""
         raise NonFiniteFeatureError(
-            f"{where + ': ' if where else ''}hidden state is {x[tuple(bad)].item()} at {token}{name}, "
-            f"channel {channel}; float8 needs finite values (the target produced inf/NaN: check its dtype, "
-            "e.g. target.dtype=float32 or bfloat16 instead of float16)"
+            f"{describe(x, 'hidden', where, layer_ids)}; float8 needs finite values (the target produced "
+            "inf/NaN: check its dtype, e.g. target.dtype=float32 or bfloat16 instead of float16)"
         )
     # float64: amax / 448 of a float32 subnormal row would underflow to a zero scale in float32
     scale = _bf16_round_up(amax.double() / E4M3_MAX)  # [..., L] bf16

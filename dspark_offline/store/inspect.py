@@ -5,14 +5,14 @@ object each array must have and every shard index, without decoding data. The fu
 then reads every chunk and shard back, the target head and the sample index included: each
 inner chunk and each shard index carries a crc32c, so a flipped byte anywhere fails the read.
 Problems are returned as strings naming the part or group, the array and the shard or chunk
-object; the CLI exits non-zero when there are any.
+object; the CLI exits non-zero when there are any (`inspect` too, after its summary: exit 2).
 """
 
 from __future__ import annotations
 
 import zarr
 
-from dspark_offline.store.integrity import PLAN_TOKEN_ARRAYS, quick_check, scan
+from dspark_offline.store.integrity import PLAN_TOKEN_ARRAYS, quick_check, refuse, scan
 from dspark_offline.store.manifest import HEAD_ARRAYS, PART_ATTR, StoreError, parse_manifest
 from dspark_offline.store.objects import all_coords, object_key, object_region, token_shards
 from dspark_offline.store.plan import part_name
@@ -65,6 +65,13 @@ def inspect(path: str) -> dict:
             "complete": all(r["complete"] for r in parts),
         },
     }
+
+
+def check_inspected(info: dict) -> None:
+    """Raise `StoreIntegrityError` (one line: the first problem, how many more, what to do) when the
+    inspected store failed its quick check. An unfinished store is not damaged: it passes."""
+    if info["problems"]:
+        raise refuse(info["path"], info["problems"])
 
 
 def _human(n: float) -> str:

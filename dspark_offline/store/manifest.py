@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FORMAT_NAME = "dspark-offline-features"
-FORMAT_VERSION = 1
+# A store's format_version is the oldest reader version that reads it correctly
+# (`needed_format_version`), not the version of its writer: a store every reader reads stays at 1,
+# so its manifest (and its DVC identity) does not change when a newer reader is released.
+FORMAT_VERSION = 2  # the newest format_version this reader reads (it reads all from 1)
 MANIFEST_ATTR = "dspark_offline"
 PART_ATTR = "dspark_offline_part"  # attrs of each part group: status, counts, shards done
 HEAD_ARRAYS = ("embed_tokens", "lm_head", "final_norm")  # arrays of the `target` group
@@ -114,6 +117,19 @@ class ArrayDtypes(_Model):
         return self
 
 
+def needed_format_version(hidden_dtype: str | None, has_final_hidden: bool | None) -> int:
+    """The oldest reader's format_version that reads a store with these features correctly.
+
+    1: the first format (hidden states in float32 / bfloat16 / float16, final_hidden stored), which
+    every reader reads. 2: a store using what the format gained later, float8 hidden states (e4m3
+    codes x `hidden_scale`) or no final_hidden (`dump.store_final_hidden`), so that a reader knowing
+    only version 1 refuses it by its version instead of misreading it or failing on the manifest.
+    """
+    if hidden_dtype == "float8_e4m3" or has_final_hidden is False:
+        return 2
+    return 1
+
+
 class BackendInfo(_Model):
     """What computed the features: backend, device and library versions."""
 
@@ -128,7 +144,14 @@ class Manifest(_Model):
     """Root attribute `dspark_offline` of a feature store (schemas/feature_store.schema.json)."""
 
     format: Literal["dspark-offline-features"] = Field(FORMAT_NAME, description="Format name.")
-    format_version: int = Field(FORMAT_VERSION, description="Format version; readers refuse unknown ones.")
+    format_version: int = Field(
+        ge=1,
+        le=FORMAT_VERSION,
+        description="The oldest reader format version that reads this store correctly: 1 for stores "
+        "every dspark-offline reads; 2 with float8_e4m3 hidden states (hidden_scale) or without "
+        "final_hidden. Filled in from dtypes.hidden and has_final_hidden when a manifest is built. A "
+        "reader refuses a store needing a newer version than it knows (written by a newer dspark-offline).",
+    )
     target: TargetInfo = Field(description="The target the features come from.")
     tokenizer_hash: str = Field(description="Hash of the tokenizer (vocab, merges, special tokens).")
     chat_template_hash: str = Field(description="Hash of the chat template used to render conversations.")
@@ -153,6 +176,17 @@ class Manifest(_Model):
         "recorded (all made by 'hf'). Not part of params_fingerprint; a resume with another backend "
         "name is refused on its own.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_format_version(cls, data: Any) -> Any:
+        """A manifest built without format_version gets the one its features need; one read from a
+        store keeps its own (a float8 store written before the rule says 1 and is still read here)."""
+        if isinstance(data, dict) and "format_version" not in data:
+            dtypes = data.get("dtypes")
+            hidden = dtypes.hidden if isinstance(dtypes, ArrayDtypes) else (dtypes or {}).get("hidden")
+            data = {**data, "format_version": needed_format_version(hidden, data.get("has_final_hidden"))}
+        return data
 
 
 def feature_specs(m: Manifest) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -233,16 +267,24 @@ def check_compatible(
 
 
 def parse_manifest(attrs: dict, store: str) -> Manifest:
-    """Validate the root attrs of `store`; refuse foreign formats and unknown versions by name."""
+    """Validate the root attrs of `store`; refuse foreign formats and versions newer than this
+    reader (or not versions at all) by name."""
     raw = attrs.get(MANIFEST_ATTR)
     if not isinstance(raw, dict):
         raise StoreError(f"{store}: not a dspark-offline feature store (no '{MANIFEST_ATTR}' root attribute)")
     if raw.get("format") != FORMAT_NAME:
         raise StoreError(f"{store}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
-    if raw.get("format_version") != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if type(version) is not int or version < 1:
         raise StoreError(
-            f"{store}: format_version={raw.get('format_version')!r} is not supported "
-            f"(this dspark-offline reads format_version={FORMAT_VERSION})"
+            f"{store}: format_version={version!r} is not a format version "
+            f"(this dspark-offline reads format_version 1 to {FORMAT_VERSION})"
+        )
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{store}: written by a newer dspark-offline (the store needs a reader of "
+            f"format_version={version}, this dspark-offline reads up to format_version={FORMAT_VERSION}); "
+            "upgrade dspark-offline to read it"
         )
     try:
         return Manifest.model_validate(raw)

@@ -5,8 +5,9 @@
   papered over with another sample.
 * :func:`collate` right-pads a micro-batch of its items (the same per-token fields).
 
-Which samples (`selection.py`), in which order (`sampler.py`), with which anchors (`anchors.py`)
-and whether the store fits the run at all (`preflight.check_store`) live beside it.
+Which samples (`selection.py`), in which order (`sampler.py`), with which anchors (`anchors.py`),
+on how many DataLoader workers (`loader.py`; the reader reopens the store in each worker) and
+whether the store fits the run at all (`preflight.check_store`) live beside it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,6 @@ _TOKEN_FIELDS = ("input_ids", "loss_mask", "hidden", "final_hidden", "topk_ids",
 
 class SampleReadError(RuntimeError):
     """Reading one sample from the store failed; the message names the sample."""
-
-
-def loader_workers(device: torch.device) -> int:
-    """DataLoader workers: 2 on CUDA (reads overlap the GPU step; the reader reopens the store in
-    each worker), 0 on CPU where every core already computes and a worker would only compete."""
-    return 2 if device.type == "cuda" else 0
 
 
 class FeatureDataset(Dataset):

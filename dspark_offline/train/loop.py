@@ -35,9 +35,10 @@ from dspark_offline.model import DraftModelConfig, DSparkDraft, LossConfig
 from dspark_offline.target.embedded import resolve_target_path
 from dspark_offline.train import checkpoint, dist, preflight
 from dspark_offline.train.anchors import batch_anchors
-from dspark_offline.train.dataset import FeatureDataset, collate, loader_workers
+from dspark_offline.train.dataset import FeatureDataset, collate
 from dspark_offline.train.ds_config import deepspeed_config, plan_batches, resolve_dtype
 from dspark_offline.train.layer_init import init_layers_from_target
+from dspark_offline.train.loader import DataWait, loader_workers
 from dspark_offline.train.markov_init import init_markov_bigram
 from dspark_offline.train.metrics import VAL_COLUMNS, MetricsSink, pool_step_metrics
 from dspark_offline.train.sampler import ResumableSampler, SamplerPosition
@@ -150,15 +151,18 @@ def run(params: Params) -> dict:
         position=pos,
     )
     cache_bytes = int(tc.cache_gb * 2**30)
+    dataset = FeatureDataset(store, indices, tc.max_length, cache_bytes)
+    workers = loader_workers(tc.loader_workers, info.device, dataset, tc.micro_batch_size, say)
     batches = iter(
         DataLoader(
-            FeatureDataset(store, indices, tc.max_length, cache_bytes),
+            dataset,
             batch_size=tc.micro_batch_size,
             sampler=sampler,
             collate_fn=collate,
-            num_workers=loader_workers(info.device),
+            num_workers=workers,
         )
     )
+    data_wait = DataWait(workers, info.device, say)  # share of the step spent in next(batches)
     sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step)
     # val.tsv exists even without validation (header only): DVC declares it as a plot output
     val_sink = MetricsSink(out_dir, enabled=info.is_main, resume_step=step, name="val", columns=VAL_COLUMNS)
@@ -197,7 +201,9 @@ def run(params: Params) -> dict:
     while step < plan.total_steps:
         t0, micro, tokens, lr = time.perf_counter(), [], 0, lr_scheduler.get_last_lr()[0]
         for _ in range(plan.grad_accum):
+            t_next = time.perf_counter()
             batch = next(batches)
+            data_wait.waited(time.perf_counter() - t_next)
             anchors, keep = batch_anchors(batch, tc.num_anchors, tc.seed, step)
             batch = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sums = local_sums(engine, batch, anchors.to(info.device), keep.to(info.device), loss_cfg)
@@ -208,8 +214,11 @@ def run(params: Params) -> dict:
             tokens += int(batch["lengths"].sum())
         step, pos = step + 1, sampler.advance(pos)
         values = pool_step_metrics(micro, tokens, loss_cfg, info.device)
-        values.update(lr=lr, tokens_per_s=values["tokens"] / (time.perf_counter() - t0))
+        step_s = time.perf_counter() - t0
+        values.update(lr=lr, tokens_per_s=values["tokens"] / step_s)
+        data_wait.step(step_s)
         if step % tc.log_every == 0 or step == plan.total_steps:
+            values["data_wait"] = data_wait.window(step)
             sink.log(step, values)
         bar.set_postfix(
             loss=f"{values['loss']:.4f}",

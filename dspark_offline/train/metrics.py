@@ -2,6 +2,8 @@
 
 * ``<output_dir>/metrics/train.tsv`` — one row per logged optimizer step, fixed columns
   (:data:`COLUMNS`), so ``dvc plots show`` can draw ``loss`` / ``tau_probabilistic`` vs ``step``.
+  ``data_wait`` is the share of step wall time rank 0 spent waiting for its next batch over the
+  steps since the previous row (`train/loader.py`; the run's first step, start-up, not counted).
 * ``<output_dir>/metrics/val.tsv`` — the held-out samples scored at fixed steps
   (:data:`VAL_COLUMNS`; see ``train/validate.py``).
 * ``<output_dir>/metrics.json`` — the summary of the run (last-step values, throughput, plan).
@@ -34,6 +36,7 @@ COLUMNS = (
     "tau_greedy",
     "lr",
     "tokens_per_s",
+    "data_wait",
 )
 VAL_COLUMNS = (
     "step",
@@ -70,13 +73,17 @@ class MetricsSink:
             self._start(resume_step)
 
     def _start(self, resume_step: int) -> None:
-        """Fresh header, or keep the rows up to ``resume_step`` of a resumed run."""
+        """Fresh header, or keep the rows up to ``resume_step`` of a resumed run (rows of a run
+        logged before columns were appended, e.g. ``data_wait``, get ``nan`` in them)."""
         header = "\t".join(self.columns) + "\n"
         kept: list[str] = []
         if resume_step > 0 and self.tsv.is_file():
-            lines = self.tsv.read_text().splitlines(keepends=True)
-            if lines and lines[0] == header:
-                kept = [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t", 1)[0]) <= resume_step]
+            lines = self.tsv.read_text().splitlines()
+            old = lines[0].split("\t") if lines else []
+            if old and old == list(self.columns[: len(old)]):
+                pad = "\tnan" * (len(self.columns) - len(old))
+                rows = [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t", 1)[0]) <= resume_step]
+                kept = [f"{ln}{pad}\n" for ln in rows]
         self.tsv.write_text(header + "".join(kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
