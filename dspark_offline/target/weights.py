@@ -43,9 +43,11 @@ def read_tensors(model_dir: Path, names: dict[str, str], where: dict[str, str]) 
     if missing:
         raise KeyError(f"{model_dir}: tensors {missing} not found; expected a Llama/Qwen-style checkpoint")
     out = {}
-    for key, name in names.items():
-        with safe_open(Path(model_dir) / where[name], framework="pt") as f:
-            out[key] = f.get_tensor(name).clone()
+    for file in sorted({where[n] for n in names.values()}):  # each file opened once
+        with safe_open(Path(model_dir) / file, framework="pt") as f:
+            for key, name in names.items():
+                if where[name] == file:
+                    out[key] = f.get_tensor(name).clone()
     return out
 
 

@@ -49,8 +49,11 @@ def init_layers_from_target(model, target_dir, final_norm: torch.Tensor) -> str:
     cfg = model.cfg
     layers = copied_layers(cfg.target_layer_ids, cfg.num_target_layers, cfg.num_layers)
     kept_default: set[str] = set()
+    first_norm = None  # input_layernorm of the first copied layer: hidden_norm's weight
     for draft_layer, target_layer in zip(model.layers, layers, strict=True):
         tensors = decoder_layer_tensors(target_dir, target_layer)
+        if first_norm is None:
+            first_norm = tensors["input_layernorm.weight"]
         params = dict(draft_layer.named_parameters())
         extra = sorted(n for n in tensors if n not in params and not n.endswith(IGNORED_SUFFIXES))
         if extra:
@@ -74,8 +77,7 @@ def init_layers_from_target(model, target_dir, final_norm: torch.Tensor) -> str:
     h = cfg.hidden_size
     model.fc.weight.zero_()
     model.fc.weight[:, deepest * h : (deepest + 1) * h] = torch.eye(h, dtype=model.fc.weight.dtype)
-    first = decoder_layer_tensors(target_dir, layers[0])["input_layernorm.weight"]
-    model.hidden_norm.weight.copy_(first.to(model.hidden_norm.weight.dtype))
+    model.hidden_norm.weight.copy_(first_norm.to(model.hidden_norm.weight.dtype))
     model.norm.weight.copy_(final_norm.to(model.norm.weight.dtype))
     kept = f"; kept at their initial values: {sorted(kept_default)}" if kept_default else ""
     return (
