@@ -5,9 +5,16 @@ SmolLM2: 5 x 576, ~7.3 KB/token) and each writer count, in one run and on one di
 
 - **raw**: the same logical bytes written as one plain file per shard by N threads, each file
   fsynced (the disk's own rate: what a writer could at best reach);
-- **writer**: the dump's path (`store.background.BackgroundWriter(N)`: N=1 a thread, N>1 writer
-  processes fed through shared memory): a buffer lent per shard, filled by the main thread
-  (a copy, as the dump fills it from the forward), submitted; then every object fsynced (timed).
+- **writer**, engine `ours`: the dump's path (`store.background.BackgroundWriter(N)`: N=1 a thread,
+  N>1 writer processes fed through shared memory): a buffer lent per shard, filled by the main
+  thread (a copy, as the dump fills it from the forward), submitted; then every object fsynced
+  (timed);
+- **writer**, engine `tensorstore` (the `bench` extra; `benchmarks/writer_tensorstore.py`): the same
+  feature arrays, created with our store's layout (shape, shard and chunk shape, storage dtype,
+  codec chain), written whole shard by whole shard by tensorstore's C++ thread pools limited to N
+  threads (`data_copy_concurrency`, `file_io_concurrency`); then every file fsynced (timed). After
+  each measurement zarr reads its arrays back (bit-identical to the data written, or the run
+  fails) and their zarr.json is compared with ours (differences printed; `--quick` fails on any).
 
 Printed per row: MB/s of logical bytes (wall), writer / raw, MB per CPU-second of all writer
 work (main process + writer processes: the per-core rate that extrapolates to a host with more
@@ -18,14 +25,17 @@ ratios of rows measured back to back and the per-CPU-second rates are the number
     python benchmarks/writer.py                  # both widths, 1, 2, 4 workers (~ 5-10 min on 2 cores)
     python benchmarks/writer.py --quick          # tiny widths, seconds (what the test runs)
     python benchmarks/writer.py --dir /nvme/tmp --workers 1,4,8,16 --shards 16
+    python benchmarks/writer.py --engines ours,tensorstore   # default: both when tensorstore imports
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -52,13 +62,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-tokens", type=int, default=None, help="Tokens per shard (default per width).")
     p.add_argument("--compressor", default="zstd", choices=["zstd", "blosc", "none"])
     p.add_argument("--level", type=int, default=1)
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="Comma list of writer engines: ours, tensorstore (default: both when tensorstore imports).",
+    )
     p.add_argument("--quick", action="store_true", help="Tiny widths, 3 shards, 1-2 workers.")
     return p.parse_args(argv)
+
+
+ENGINES = ("ours", "tensorstore")
+
+
+class BenchError(Exception):
+    """Bad command-line input, or tensorstore's arrays are not our store's (exit 2)."""
 
 
 class Row(NamedTuple):
     width: str
     workers: int
+    engine: str
     raw_mb_s: float
     writer_mb_s: float
     writer_mb_per_cpu_s: float
@@ -191,7 +214,8 @@ def measure_raw(where: Path, data: dict[str, np.ndarray], shards: int, workers: 
 
 
 def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: int, workers: int):
-    """(MB/s, MB per CPU-s, bytes on disk / logical) of the dump's writer path."""
+    """(MB/s, MB per CPU-s, bytes on disk / logical, the part's layout: {feature array: its zarr.json,
+    sha256 of its shard 0}) of the dump's writer path."""
     from dspark_offline.store.background import BackgroundWriter
     from dspark_offline.store.plan import plan_part
     from dspark_offline.store.writer import open_part, open_store_for_write
@@ -224,14 +248,68 @@ def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: i
     on_disk = _fsync_tree(part_dir) - before
     wall, cpu = time.perf_counter() - t0, _cpu() - c0 + w.cpu_s
     assert state.complete, "the writer did not finish the part"
+    layout = _tensorstore_engine().layout(part_dir, data)  # what tensorstore's arrays are checked against
     shutil.rmtree(where)
     logical = sum(a.nbytes for a in data.values()) * shards
-    return logical / 1e6 / wall, logical / 1e6 / max(cpu, 1e-9), on_disk / logical
+    return logical / 1e6 / wall, logical / 1e6 / max(cpu, 1e-9), on_disk / logical, layout
+
+
+def _tensorstore_engine():
+    """benchmarks/writer_tensorstore.py, imported by path (the scripts are no package)."""
+    where = Path(__file__).with_name("writer_tensorstore.py")
+    spec = importlib.util.spec_from_file_location("writer_tensorstore_bench", where)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure_tensorstore(where: Path, manifest, data, shards: int, workers: int, ours: dict, strict: bool):
+    """(MB/s, MB per CPU-s, bytes on disk / logical) of tensorstore writing the same shards, then
+    its check against our part's `ours` layout: data that zarr does not read back bit-identical
+    fails the run, a zarr.json other than ours only when `strict` (else it is printed)."""
+    engine = _tensorstore_engine()
+    mb_s, mb_cpu, disk = engine.measure(where, manifest, data, shards, workers, _cpu, _fsync_tree)
+    found = engine.check(where / "part-00000", ours, data, shards)
+    shutil.rmtree(where)
+    if found.data or (strict and found.metadata):
+        raise BenchError(f"tensorstore's part at {where}: " + "; ".join(found.data + found.metadata))
+    print(
+        "    tensorstore check: zarr reads the data back bit-identical; "
+        + ("zarr.json as ours" if not found.metadata else "zarr.json differs: " + "; ".join(found.metadata))
+        + (
+            "; shard objects byte-identical to ours"
+            if found.same_bytes
+            else "; shard objects differ from ours"
+        ),
+        flush=True,
+    )
+    return mb_s, mb_cpu, disk
+
+
+def engines(arg: str | None) -> list[str]:
+    """The engines to measure: `arg` (comma list) or, when None, both if tensorstore imports."""
+    has_ts = importlib.util.find_spec("tensorstore") is not None
+    if arg is None:
+        if not has_ts:
+            print("# tensorstore is not installed: measuring engine 'ours' only (pip install -e '.[bench]')")
+        return ["ours", "tensorstore"] if has_ts else ["ours"]
+    names = [e.strip() for e in arg.split(",") if e.strip()]
+    unknown = [e for e in names if e not in ENGINES]
+    if unknown or not names:
+        raise BenchError(
+            f"--engines {arg!r}: unknown engine(s) {unknown}; expected a comma list of {ENGINES}"
+        )
+    if "tensorstore" in names and not has_ts:
+        raise BenchError(
+            "--engines tensorstore: the tensorstore package is not installed (the 'bench' extra)"
+        )
+    return names
 
 
 def run(args) -> list[Row]:
     from dspark_offline.store.manifest import feature_specs
 
+    which = engines(args.engines)
     widths = ["tiny-a", "tiny-b"] if args.quick else args.widths.split(",")
     workers = [1, 2] if args.quick else [int(w) for w in args.workers.split(",")]
     shards = 3 if args.quick else args.shards
@@ -256,13 +334,23 @@ def run(args) -> list[Row]:
             )
             for n in workers:
                 raw, raw_cpu = measure_raw(base / f"raw-{name}-{n}", data, shards, n)
-                mb_s, mb_cpu, disk = measure_writer(base / f"store-{name}-{n}.zarr", m, data, shards, n)
-                rows.append(Row(name, n, raw, mb_s, mb_cpu, raw_cpu, disk))
-                print(
-                    f"  workers {n}: raw {raw:.0f} MB/s, writer {mb_s:.0f} MB/s "
-                    f"({mb_s / raw:.2f}x), {mb_cpu:.0f} MB/CPU-s",
-                    flush=True,
-                )
+                layout = None
+                for engine in which:
+                    where = base / f"{engine}-{name}-{n}.zarr"
+                    if engine == "ours":
+                        mb_s, mb_cpu, disk, layout = measure_writer(where, m, data, shards, n)
+                    else:
+                        if layout is None:  # our layout to compare with, untimed
+                            *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)
+                        mb_s, mb_cpu, disk = measure_tensorstore(
+                            where, m, data, shards, n, layout, args.quick
+                        )
+                    rows.append(Row(name, n, engine, raw, mb_s, mb_cpu, raw_cpu, disk))
+                    print(
+                        f"  workers {n}: raw {raw:.0f} MB/s, {engine} {mb_s:.0f} MB/s "
+                        f"({mb_s / raw:.2f}x), {mb_cpu:.0f} MB/CPU-s",
+                        flush=True,
+                    )
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -277,29 +365,44 @@ def table(rows: list[Row], compressor: str, level: int) -> str:
         ),
         "",
         (
-            "| width | workers | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s "
+            "| width | workers | engine | raw MB/s | writer MB/s | writer / raw | writer MB per CPU-s "
             "| on disk / logical |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     body = [
-        f"| {r.width} | {r.workers} | {r.raw_mb_s:.4g} | {r.writer_mb_s:.4g} | {r.ratio:.3g} | "
+        f"| {r.width} | {r.workers} | {r.engine} | {r.raw_mb_s:.4g} | {r.writer_mb_s:.4g} | {r.ratio:.3g} | "
         f"{r.writer_mb_per_cpu_s:.4g} | {r.on_disk:.2f} |"
         for r in rows
     ]
     notes = []
     for name in dict.fromkeys(r.width for r in rows):
-        best = max((r for r in rows if r.width == name), key=lambda r: r.writer_mb_per_cpu_s)
-        notes.append(
-            f"{name}: {best.writer_mb_per_cpu_s:.0f} MB per CPU-second -> "
-            f"{1200 / best.writer_mb_per_cpu_s:.1f} cores per 1.2 GB/s (one H200's Qwen3-8B prefill)"
-        )
+        for engine in dict.fromkeys(r.engine for r in rows):
+            mine = [r for r in rows if r.width == name and r.engine == engine]
+            best = max(mine, key=lambda r: r.writer_mb_per_cpu_s)
+            notes.append(
+                f"{name} ({engine}): {best.writer_mb_per_cpu_s:.0f} MB per CPU-second -> "
+                f"{1200 / best.writer_mb_per_cpu_s:.1f} cores per 1.2 GB/s (one H200's Qwen3-8B prefill)"
+            )
+    ours = {(r.width, r.workers): r for r in rows if r.engine == "ours"}
+    for r in rows:
+        base = ours.get((r.width, r.workers))
+        if r.engine != "ours" and base is not None:
+            notes.append(
+                f"{r.width}, {r.workers} workers: {r.engine} / ours = "
+                f"{r.writer_mb_s / base.writer_mb_s:.2f}x wall, "
+                f"{r.writer_mb_per_cpu_s / base.writer_mb_per_cpu_s:.2f}x per CPU-second"
+            )
     return "\n".join([*head, *body, "", *notes])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = run(args)
+    try:
+        rows = run(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print()
     print(table(rows, args.compressor, args.level))
     return 0
