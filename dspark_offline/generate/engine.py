@@ -75,10 +75,18 @@ class HFEngine:
         return out
 
 
-def make_engine(target_cfg: TargetConfig, cfg: GenerateConfig, backend: str):
-    """`dump.backend` picks the engine: the same backend the dump runs on."""
+def make_engine(
+    target_cfg: TargetConfig,
+    cfg: GenerateConfig,
+    backend: str,
+    vllm_kwargs: dict | None = None,
+    max_length: int | None = None,
+):
+    """`dump.backend` picks the engine: the same backend the dump runs on. The vLLM engine also
+    takes the `dump.vllm` settings (``vllm_kwargs``) and sizes its context to ``max_length``
+    (prompt + answer, `prepare.max_length`) unless they set ``max_model_len``."""
     if backend == "vllm":
         from dspark_offline.generate.vllm_engine import VLLMEngine
 
-        return VLLMEngine(target_cfg, cfg)
+        return VLLMEngine(target_cfg, cfg, vllm_kwargs, max_length)
     return HFEngine(target_cfg, cfg)

@@ -201,7 +201,8 @@ def run(params: Params) -> Path:
     source = params.prepare.output
     train = PreparedSplit.load(source, "train")
     evaluation = PreparedSplit.load(source, "eval")
-    engine = make_engine(params.target, cfg, params.dump.backend)
+    vllm_kwargs = params.dump.vllm.engine_kwargs() if params.dump.backend == "vllm" else None
+    engine = make_engine(params.target, cfg, params.dump.backend, vllm_kwargs, params.prepare.max_length)
     tok_hash, template_hash = tokenizer_hashes(engine.tokenizer)
     for key, ours in (("tokenizer_hash", tok_hash), ("chat_template_hash", template_hash)):
         theirs = train.meta.get(key)

@@ -1,7 +1,7 @@
 """vLLM engine of the generate stage (``dump.backend: vllm``): ``LLM.generate`` on token prompts.
 
-UNTESTED: this project's machines have no GPU and no vLLM; only the missing-package error is
-tested. Written against vLLM's documented offline API: ``LLM(model, dtype, seed)``,
+Run on vLLM's CPU build (tests/test_generate_vllm.py: the HF engine's greedy answers, token for
+token); not run on CUDA. vLLM's offline API: ``LLM(model, dtype, seed, **dump.vllm settings)``,
 ``SamplingParams(temperature, top_p, max_tokens, stop_token_ids, seed, detokenize)`` and
 ``llm.generate([{"prompt_token_ids": [...]}, ...], [params, ...])``; a stop token id is checked
 after the token is appended, so ``outputs[0].token_ids`` ends with it, as in the HF engine.
@@ -25,7 +25,13 @@ from dspark_offline.config import GenerateConfig, TargetConfig
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, target_cfg: TargetConfig, cfg: GenerateConfig):
+    def __init__(
+        self,
+        target_cfg: TargetConfig,
+        cfg: GenerateConfig,
+        engine_kwargs: dict | None = None,
+        max_length: int | None = None,
+    ):
         try:
             from vllm import LLM
         except ImportError as err:
@@ -37,7 +43,7 @@ class VLLMEngine:
 
         from dspark_offline.target.device import resolve_dtype, resolve_vllm_device
         from dspark_offline.target.embedded import resolve_target_path
-        from dspark_offline.target.vllm_backend import vllm_device_type
+        from dspark_offline.target.vllm_backend import checked_engine_kwargs, vllm_device_type
 
         self.cfg = cfg
         self.path = resolve_target_path(target_cfg.path, target_cfg.cache_dir)
@@ -55,8 +61,15 @@ class VLLMEngine:
         device = resolve_vllm_device(target_cfg.device, vllm_device_type())
         self.dtype = str(resolve_dtype(target_cfg.dtype, device)).removeprefix("torch.")
         self.device = device.type
-        self.llm = LLM(model=str(self.path), dtype=self.dtype, seed=cfg.seed)
-        self.describe = f"vLLM (UNTESTED path), {self.dtype}"
+        engine_kwargs = checked_engine_kwargs(engine_kwargs, self.device)
+        if "seed" in engine_kwargs:
+            raise ValueError("dump.vllm sets seed; generate's vLLM engine takes it from generate.seed")
+        if max_length is not None:  # the KV cache need not hold more than prompt + answer
+            longest = min(max_length, self.max_positions) if self.max_positions else max_length
+            engine_kwargs.setdefault("max_model_len", longest)
+        self.engine_kwargs = engine_kwargs
+        self.llm = LLM(model=str(self.path), dtype=self.dtype, seed=cfg.seed, **engine_kwargs)
+        self.describe = f"vLLM {self.dtype} on {self.device}, engine arguments {engine_kwargs}"
 
     def generate(
         self,

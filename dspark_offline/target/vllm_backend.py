@@ -141,6 +141,18 @@ def _check_engine_kwargs(engine_kwargs: dict) -> None:
         raise ValueError(f"dump.vllm: {unknown} are not arguments of this vLLM's EngineArgs")
 
 
+def checked_engine_kwargs(engine_kwargs: dict | None, device_type: str) -> dict:
+    """The ``dump.vllm`` settings, checked (`_check_engine_kwargs`), plus the CPU build's KV-cache
+    size when neither ``kv_cache_memory_bytes`` nor ``gpu_memory_utilization`` is set: the engine
+    arguments of both vLLM users, the dump backend and generate's engine."""
+    engine_kwargs = dict(engine_kwargs or {})
+    _check_engine_kwargs(engine_kwargs)
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
+    if device_type == "cpu" and not sized:
+        engine_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return engine_kwargs
+
+
 class VLLMTarget:
     """A ``backend.TargetBackend`` over a vLLM engine (see module docstring), built with the shared
     constructor (``backend.TargetBackendClass``) plus ``engine_kwargs`` (the ``dump.vllm`` settings).
@@ -173,11 +185,7 @@ class VLLMTarget:
         self._aux_ids, self._layer_pos, self._last_pos = plan_aux_ids(self.layer_ids, n)
         heads = load_head_tensors(self.path, bool(getattr(self.config, "tie_word_embeddings", False)))
         self._heads = {k: v.to(self.dtype) for k, v in heads.items()}  # CPU, compute dtype
-        engine_kwargs = dict(engine_kwargs or {})
-        _check_engine_kwargs(engine_kwargs)
-        sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
-        if self.device.type == "cpu" and not sized:
-            engine_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        engine_kwargs = checked_engine_kwargs(engine_kwargs, self.device.type)
         self._head_fp32 = self._heads["lm_head"].to(self.device, torch.float32)  # [V, H]
         self._norm = self._heads["final_norm"].to(self.device)  # [H]
         self._eps = float(getattr(self.config, "rms_norm_eps", 1e-6))
