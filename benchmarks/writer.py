@@ -9,7 +9,7 @@ SmolLM2: 5 x 576, ~7.3 KB/token) and each writer count, in one run and on one di
   N>1 writer processes fed through shared memory): a buffer lent per shard, filled by the main
   thread (a copy, as the dump fills it from the forward), submitted; then every object fsynced
   (timed);
-- **writer**, engine `tensorstore` (the `bench` extra; `benchmarks/writer_tensorstore.py`): the same
+- **writer**, engine `tensorstore` (the `tensorstore` extra; `benchmarks/writer_tensorstore.py`): the same
   feature arrays, created with our store's layout (shape, shard and chunk shape, storage dtype,
   codec chain), written whole shard by whole shard by tensorstore's C++ thread pools limited to N
   threads (`data_copy_concurrency`, `file_io_concurrency`); then every file fsynced (timed). After
@@ -291,7 +291,7 @@ def engines(arg: str | None) -> list[str]:
     has_ts = importlib.util.find_spec("tensorstore") is not None
     if arg is None:
         if not has_ts:
-            print("# tensorstore is not installed: measuring engine 'ours' only (pip install -e '.[bench]')")
+            print("# tensorstore is not installed: measuring engine 'ours' only (the 'tensorstore' extra)")
         return ["ours", "tensorstore"] if has_ts else ["ours"]
     names = [e.strip() for e in arg.split(",") if e.strip()]
     unknown = [e for e in names if e not in ENGINES]
@@ -301,7 +301,7 @@ def engines(arg: str | None) -> list[str]:
         )
     if "tensorstore" in names and not has_ts:
         raise BenchError(
-            "--engines tensorstore: the tensorstore package is not installed (the 'bench' extra)"
+            "--engines tensorstore: the tensorstore package is not installed (the 'tensorstore' extra)"
         )
     return names
 

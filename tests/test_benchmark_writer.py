@@ -36,7 +36,7 @@ def test_writer_benchmark_prints_writer_and_raw_side_by_side(capsys):
 
 
 def test_writer_benchmark_tensorstore_engine(capsys):
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     assert load_benchmark("writer").main(["--quick", "--engines", "tensorstore"]) == 0
     out = capsys.readouterr().out
     _check_rows(_table(out, "writer vs raw write+fsync"), "tensorstore")
@@ -74,7 +74,7 @@ def test_tensorstore_writes_our_store_layout(tmp_path, compressor):
     """tensorstore's arrays, made from the manifest alone, are the ones our writer makes: zarr reads
     them back bit-identical, their zarr.json equals ours up to spec defaults, and (with the zstd
     tensorstore bundles today) even the shard objects are the same bytes."""
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     bench, engine, m, data = _tiny(compressor)
     *_, ours = bench.measure_writer(tmp_path / "ours.zarr", m, data, 2, 1)
     arrays = engine.create_arrays(tmp_path / "ts", m, 2 * 512, engine.context(2))
@@ -83,7 +83,7 @@ def test_tensorstore_writes_our_store_layout(tmp_path, compressor):
 
 
 def test_tensorstore_check_reports_differences(tmp_path):
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     bench, engine, m, data = _tiny()
     *_, ours = bench.measure_writer(tmp_path / "ours.zarr", m, data, 1, 1)
     _, _, other, _ = _tiny(chunk_tokens=128)  # inner chunks of 128 tokens where ours has 256
