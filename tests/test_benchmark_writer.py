@@ -140,3 +140,17 @@ def test_data_wait_with_no_step_is_all_waiting(tmp_path):
     epochs, _ = bench.drive(path, 2, 0, 0.05, cache_gb=1.0, epochs=2)
     (w1, t1, n1), (w2, t2, n2) = epochs
     assert (n1, n2) == (4, 5) and t1 >= 4 * 0.05 and t2 >= 5 * 0.05 and w1 < t1 and w2 < t2
+
+
+def test_writer_benchmark_dump_tensorstore_engine(capsys):
+    """The dump's own path with dump.writer_engine=tensorstore, measured beside ours; the run fails
+    unless its part is ours byte for byte."""
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
+    assert load_benchmark("writer").main(["--quick", "--engines", "ours,dump-tensorstore"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out, "writer vs raw write+fsync")
+    _check_rows([r for r in rows if r[2] == "dump-tensorstore"], "dump-tensorstore")
+    assert out.count("dump-tensorstore check: zarr.json and shard objects byte-identical to ours") == 4
+    assert re.search(
+        r"tiny-a, 2 workers: dump-tensorstore / ours = [\d.]+x wall, [\d.]+x per CPU-second", out
+    )
