@@ -150,9 +150,12 @@ def _local_dir(arr) -> str:
 
 
 class TensorstorePool:
-    """Whole shards committed by tensorstore; one driver thread here, at most `workers` commits in
-    flight, `max_pending` shards queued behind them (so `workers + max_pending + 1` shards at most,
-    with the one being filled). Shards are recorded done as their commits return, in any order."""
+    """Whole shards committed by tensorstore; one driver thread here. At most `workers + max_pending`
+    shards are handed over and not yet finished (`workers + max_pending + 1` with the one being
+    filled, as the zarr engine); each is committed as soon as the driver takes it, so tensorstore
+    always has the next shards to encode while its `workers` threads are busy (with only `workers`
+    commits in flight its threads idle while this thread records a shard and starts the next).
+    Shards are recorded done as their commits return, in any order."""
 
     def __init__(self, owner: BackgroundWriter, workers: int, max_pending: int):
         require_installed()
@@ -161,6 +164,7 @@ class TensorstorePool:
         self._opened: dict[int, dict] = {}  # id(part) -> name -> tensorstore handle
         self._cv = threading.Condition()
         self._queue: collections.deque = collections.deque()  # (part, shard, arrays) not yet committing
+        self._held = 0  # shards handed over by `submit` and not yet recorded or dropped
         self._finished: collections.deque = collections.deque()  # (task, error) from commit callbacks
         self._inflight: dict[int, tuple[PartState, ShardPlan, float]] = {}  # driver thread only
         self._next_task = 0
@@ -202,12 +206,13 @@ class TensorstorePool:
     def submit(self, part: PartState, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
         self._open(part)
         with self._cv:
-            while len(self._queue) >= self.max_pending:
+            while self._held >= self.workers + self.max_pending:
                 self.owner._raise_if_failed()
                 if not self._thread.is_alive():
                     raise StoreError("background store writer is not running (its thread exited)")
                 self._cv.wait(_POLL_S)
             self._queue.append((part, shard, arrays))
+            self._held += 1
             self._cv.notify_all()
 
     def close(self) -> None:
@@ -226,10 +231,8 @@ class TensorstorePool:
                     done = list(self._finished)
                     self._finished.clear()
                     return "done", done
-                if self._queue and len(self._inflight) < self.workers:
-                    item = self._queue.popleft()
-                    self._cv.notify_all()  # a queue place is free
-                    return "start", item
+                if self._queue:
+                    return "start", self._queue.popleft()
                 if self._closing and not self._queue and not self._inflight:
                     return None
                 self._cv.wait()
@@ -241,8 +244,16 @@ class TensorstorePool:
                 for task, error in what:
                     part, shard, t0 = self._inflight.pop(task)
                     self.owner._done(part, shard, time.perf_counter() - t0, error)
+                self._release(len(what))
             elif not self.owner.failed:  # else drop: nothing after a failure may be recorded done
                 self._start(*what)
+            else:
+                self._release(1)
+
+    def _release(self, n: int) -> None:
+        with self._cv:
+            self._held -= n
+            self._cv.notify_all()  # room for the next shard
 
     def _start(self, part: PartState, shard: ShardPlan, arrays: dict[str, np.ndarray]) -> None:
         """Stage every array's whole-shard write in one transaction and commit it asynchronously."""
@@ -266,6 +277,7 @@ class TensorstorePool:
             commit = txn.commit_async()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.owner._done(part, shard, time.perf_counter() - t0, e)
+            self._release(1)
             return
         task = self._next_task
         self._next_task += 1
