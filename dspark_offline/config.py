@@ -242,7 +242,7 @@ class DumpConfig(_Section):
         ge=1,
         description="Shard writers beside the target forward. writer_engine 'zarr': 1 = one background "
         "thread; N > 1 = N writer processes, shards handed over in shared memory (/dev/shm); 'tensorstore': "
-        "N threads of tensorstore's pools, up to N shards committing at once. None = 1 with a CPU target, "
+        "N threads of tensorstore's pools for encoding and N for file I/O. None = 1 with a CPU target, "
         "else min(4, CPU cores per GPU). At most writer_workers + 3 shards are in host memory at once "
         "(being written, 2 queued, 1 being filled). The store's bytes do not depend on it.",
     )

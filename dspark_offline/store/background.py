@@ -11,8 +11,9 @@ The dump's main thread computes shard k+1 while earlier shards are compressed an
   slot lent by :meth:`BackgroundWriter.buffers` in place and hands over only its name
   (`store/shard_processes.py`).
 - engine ``tensorstore`` (`dump.writer_engine`, optional extra): tensorstore's C++ thread pools
-  (encoding and file I/O limited to ``workers``), driven from one thread of this process; up to
-  ``workers`` shard commits at once (`store/tensorstore_engine.py`). Same bytes, same protocol.
+  (encoding and file I/O limited to ``workers`` threads), driven from one thread of this process;
+  a shard is committed as soon as it is submitted (`store/tensorstore_engine.py`). Same bytes,
+  same protocol, same memory bound.
 
 Memory is bounded: at most ``workers + max_pending + 1`` shards exist at once (being written,
 queued, being filled); ``buffers`` and ``submit`` block until one is free.
