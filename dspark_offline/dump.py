@@ -295,6 +295,10 @@ def _dump(params: Params, parts: list[int]) -> None:
     from dspark_offline.target.embedded import resolve_target_path
 
     cfg = params.dump
+    if cfg.writer_engine == "tensorstore":  # refused before the target loads
+        from dspark_offline.store.tensorstore_engine import require
+
+        require(cfg.store)
     prepared = params.train_data_dir()
     if params.generate.enabled and not (Path(prepared) / "meta.json").is_file():
         raise PreparedDataError(
@@ -392,7 +396,7 @@ def _write(params: Params, target: TargetBackend, split, manifest: Manifest, pla
     gpus = torch.cuda.device_count() if target.device.type == "cuda" else 1
     workers = cfg.writer_workers or default_workers(target.device.type, gpus)
     with (
-        BackgroundWriter(workers) as writer,
+        BackgroundWriter(workers, engine=cfg.writer_engine) as writer,
         tqdm(total=todo, unit="tok", unit_scale=True, desc="dump") as bar,
     ):
         for state, shard in pending:
@@ -403,5 +407,6 @@ def _write(params: Params, target: TargetBackend, split, manifest: Manifest, pla
     elapsed = time.perf_counter() - t0
     _say(
         f"wrote {writer.shards_written} shards, {todo} tokens in {elapsed:.1f}s "
-        f"({todo / max(elapsed, 1e-9):.0f} tok/s; {workers} writer(s) busy {writer.busy_s:.1f}s in all)"
+        f"({todo / max(elapsed, 1e-9):.0f} tok/s; {workers} {cfg.writer_engine} writer(s) busy "
+        f"{writer.busy_s:.1f}s in all)"
     )

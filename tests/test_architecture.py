@@ -14,7 +14,8 @@ imports its own modules and units of LOWER layers only, so nothing imports upwar
 * foundation: `config`, `params_file`, `errors`, `outputs`, `linalg`, `entry`, the package
   `__init__` (version only); the foundation modules may import each other.
 
-Third-party libraries with one home: zarr (with numcodecs) only in `store/`; deepspeed only in
+Third-party libraries with one home: zarr (with numcodecs) only in `store/`; tensorstore, an
+optional extra, only in `store/tensorstore_engine.py` (the dump's second shard writer); deepspeed only in
 `train/` (the model is single-device); vllm, an optional extra, only in the vLLM modules: the
 dump backend (`target/vllm_backend.py`, `target/vllm_connector.py`, the connector vLLM loads) and
 generate's engine (`generate/vllm_engine.py`).
@@ -59,6 +60,7 @@ LAYERS = {
 HOMES = {
     "zarr": ("dspark_offline/store/",),
     "numcodecs": ("dspark_offline/store/",),
+    "tensorstore": ("dspark_offline/store/tensorstore_engine.py",),
     "deepspeed": ("dspark_offline/train/",),
     "vllm": (
         "dspark_offline/target/vllm_backend.py",

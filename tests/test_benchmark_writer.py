@@ -36,7 +36,7 @@ def test_writer_benchmark_prints_writer_and_raw_side_by_side(capsys):
 
 
 def test_writer_benchmark_tensorstore_engine(capsys):
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     assert load_benchmark("writer").main(["--quick", "--engines", "tensorstore"]) == 0
     out = capsys.readouterr().out
     _check_rows(_table(out, "writer vs raw write+fsync"), "tensorstore")
@@ -74,7 +74,7 @@ def test_tensorstore_writes_our_store_layout(tmp_path, compressor):
     """tensorstore's arrays, made from the manifest alone, are the ones our writer makes: zarr reads
     them back bit-identical, their zarr.json equals ours up to spec defaults, and (with the zstd
     tensorstore bundles today) even the shard objects are the same bytes."""
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     bench, engine, m, data = _tiny(compressor)
     *_, ours = bench.measure_writer(tmp_path / "ours.zarr", m, data, 2, 1)
     arrays = engine.create_arrays(tmp_path / "ts", m, 2 * 512, engine.context(2))
@@ -83,7 +83,7 @@ def test_tensorstore_writes_our_store_layout(tmp_path, compressor):
 
 
 def test_tensorstore_check_reports_differences(tmp_path):
-    pytest.importorskip("tensorstore", reason="the optional `bench` extra (pip install -e '.[bench]')")
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
     bench, engine, m, data = _tiny()
     *_, ours = bench.measure_writer(tmp_path / "ours.zarr", m, data, 1, 1)
     _, _, other, _ = _tiny(chunk_tokens=128)  # inner chunks of 128 tokens where ours has 256
@@ -140,3 +140,17 @@ def test_data_wait_with_no_step_is_all_waiting(tmp_path):
     epochs, _ = bench.drive(path, 2, 0, 0.05, cache_gb=1.0, epochs=2)
     (w1, t1, n1), (w2, t2, n2) = epochs
     assert (n1, n2) == (4, 5) and t1 >= 4 * 0.05 and t2 >= 5 * 0.05 and w1 < t1 and w2 < t2
+
+
+def test_writer_benchmark_dump_tensorstore_engine(capsys):
+    """The dump's own path with dump.writer_engine=tensorstore, measured beside ours; the run fails
+    unless its part is ours byte for byte."""
+    pytest.importorskip("tensorstore", reason="the optional `tensorstore` extra")
+    assert load_benchmark("writer").main(["--quick", "--engines", "ours,dump-tensorstore"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out, "writer vs raw write+fsync")
+    _check_rows([r for r in rows if r[2] == "dump-tensorstore"], "dump-tensorstore")
+    assert out.count("dump-tensorstore check: zarr.json and shard objects byte-identical to ours") == 4
+    assert re.search(
+        r"tiny-a, 2 workers: dump-tensorstore / ours = [\d.]+x wall, [\d.]+x per CPU-second", out
+    )

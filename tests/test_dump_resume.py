@@ -16,7 +16,7 @@ import zarr
 from test_dump import by_sample_id, make_params
 
 from dspark_offline import dump
-from dspark_offline.store import open_store
+from dspark_offline.store import open_store, tensorstore_engine
 from dspark_offline.store.inspect import verify
 
 # A worker process: runs dump.run(params); SLOW_FORWARD_S slows each target forward so that a
@@ -83,8 +83,21 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("writer_workers", [1, 2])
-def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared, tmp_path, writer_workers):
+@pytest.mark.parametrize(
+    "writer_engine,writer_workers",
+    [
+        ("zarr", 1),
+        ("zarr", 2),
+        pytest.param(
+            "tensorstore",
+            2,
+            marks=pytest.mark.skipif(not tensorstore_engine.available(), reason="the `tensorstore` extra"),
+        ),
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(
+    tiny_llama_dir, make_prepared, tmp_path, writer_engine, writer_workers
+):
     prepared = make_prepared(40, seed=3)
     full = make_params(
         tiny_llama_dir,
@@ -93,6 +106,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared,
         shard_tokens=48,
         batch_tokens=96,
         writer_workers=writer_workers,
+        writer_engine=writer_engine,
     )
     dump.run(full)
     num_shards = zarr.open_group(str(tmp_path / "full.zarr"))["part-00000"].attrs["dspark_offline_part"][
@@ -110,7 +124,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llama_dir, make_prepared,
         assert time.time() < deadline, "worker made no progress"
         time.sleep(0.02)
     writers = _descendants(proc.pid)
-    assert len(writers) >= (2 if writer_workers > 1 else 0)
+    if writer_engine == "zarr":
+        assert len(writers) >= (2 if writer_workers > 1 else 0)
+    else:  # tensorstore's pools are threads of the dump
+        assert writers == set()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30  # no writer outlives the dump (it would race the resumed one)

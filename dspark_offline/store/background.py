@@ -2,13 +2,18 @@
 
 The dump's main thread computes shard k+1 while earlier shards are compressed and written:
 
-- ``workers == 1``: one thread in this process (a CPU dump: the forward already has every core);
-- ``workers > 1``: that many worker *processes*. Why not threads: zarr's synchronous API runs
+- engine ``zarr`` (zarr-python, the default), ``workers == 1``: one thread in this process (a CPU
+  dump: the forward already has every core);
+- engine ``zarr``, ``workers > 1``: that many worker *processes*. Why not threads: zarr's synchronous API runs
   every write of a process on one event-loop thread, which also does the crc32c, the buffer
   copies and the assembly of each shard, so threads of one process queue behind one serial
   stage; processes share nothing. A shard reaches a worker in shared memory: the dump fills a
   slot lent by :meth:`BackgroundWriter.buffers` in place and hands over only its name
   (`store/shard_processes.py`).
+- engine ``tensorstore`` (`dump.writer_engine`, optional extra): tensorstore's C++ thread pools
+  (encoding and file I/O limited to ``workers`` threads), driven from one thread of this process;
+  a shard is committed as soon as it is submitted (`store/tensorstore_engine.py`). Same bytes,
+  same protocol, same memory bound.
 
 Memory is bounded: at most ``workers + max_pending + 1`` shards exist at once (being written,
 queued, being filled); ``buffers`` and ``submit`` block until one is free.
@@ -18,7 +23,8 @@ arrays; the part's ``shards_done`` is updated here when it reports success, in w
 shards finish (``PartState.record_done``). A shard that is not recorded is rewritten whole by
 the next run. The first error is kept and re-raised at the next ``buffers``/``submit`` or at
 ``close``; from then on no shard is recorded done (the writer thread drops queued shards; writer
-processes may still write theirs, which the next run rewrites whole).
+processes and tensorstore commits under way may still write theirs, which the next run rewrites
+whole).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 import queue
 import threading
 import time
-from typing import Self
+from typing import Literal, Self
 
 import numpy as np
 
@@ -51,26 +57,36 @@ def default_workers(device_type: str, gpus: int = 1, cores: int | None = None) -
 
 
 class BackgroundWriter:
-    """Writes whole shards on `workers` threads/processes behind a bounded queue (module docstring).
+    """Writes whole shards with `engine` on `workers` threads/processes behind a bounded queue
+    (module docstring).
 
     Use as a context manager. `buffers(part, shard)` lends zeroed arrays to fill (shared memory
     when workers > 1: no copy on hand-over); `submit` accepts those or any arrays of the right
     shapes (copied into a slot then).
     """
 
-    def __init__(self, workers: int = 1, max_pending: int = 2):
+    def __init__(
+        self, workers: int = 1, max_pending: int = 2, engine: Literal["zarr", "tensorstore"] = "zarr"
+    ):
         if workers < 1:
             raise ValueError(f"writer workers must be >= 1 (got {workers})")
+        if engine not in ("zarr", "tensorstore"):
+            raise ValueError(f"writer engine must be 'zarr' or 'tensorstore' (got {engine!r})")
         self.workers, self.max_pending = workers, max_pending
         self._error: BaseException | None = None
         self._where = ""
         self._lock = threading.Lock()
         self.busy_s = 0.0  # wall seconds spent writing, summed over workers
-        self.cpu_s = 0.0  # CPU seconds of the writer processes (threads count in this process's own)
+        self.cpu_s = 0.0  # CPU seconds of writer processes (threads, tensorstore's too, count in ours)
         self.shards_written = 0
-        self._impl = (
-            _ThreadPool(self, max_pending) if workers == 1 else ProcessPool(self, workers, max_pending)
-        )
+        if engine == "tensorstore":
+            from dspark_offline.store.tensorstore_engine import TensorstorePool  # optional extra
+
+            self._impl = TensorstorePool(self, workers, max_pending)
+        elif workers == 1:
+            self._impl = _ThreadPool(self, max_pending)
+        else:
+            self._impl = ProcessPool(self, workers, max_pending)
 
     # -- called from the workers' side ------------------------------------------------------
     def _done(
