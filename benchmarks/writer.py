@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--engines",
         default=None,
-        help="Comma list of writer engines: ours, tensorstore (default: both when tensorstore imports).",
+        help="Comma list of writer engines: ours, tensorstore, dump-tensorstore (default: all three when "
+        "tensorstore imports, else ours).",
     )
     p.add_argument("--quick", action="store_true", help="Tiny widths, 3 shards, 1-2 workers.")
     return p.parse_args(argv)
