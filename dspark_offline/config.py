@@ -346,7 +346,8 @@ class TrainConfig(_Section):
         "micro-batches at start-up and 12,000 tokens/s an assumed GPU step (a 5-layer drafter at "
         "Qwen3-8B width on an H200), at least 2 and at most the rank's CPU cores less one. "
         "train.tsv's data_wait logs the share of each step spent waiting for data; on CUDA or with "
-        "workers one warning names this field when it passes 2 %.",
+        "workers one warning names this field when it passes 2 %, with the count that would have kept "
+        "up at the measured step time.",
     )
     vocab_size: int | None = Field(
         None,

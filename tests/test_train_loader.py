@@ -13,7 +13,13 @@ from synthetic_store import make_store
 from dspark_offline.store import open_store
 from dspark_offline.train import loader
 from dspark_offline.train.dataset import FeatureDataset
-from dspark_offline.train.loader import DataWait, auto_workers, loader_workers, probe_read_s_per_token
+from dspark_offline.train.loader import (
+    DataWait,
+    auto_workers,
+    loader_workers,
+    probe_read_s_per_token,
+    workers_to_keep_up,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -102,3 +108,26 @@ def test_one_warning_naming_the_field_when_reads_do_not_keep_up(workers, device)
         w.window(0)
     assert len(said) == 1, said  # once per run: at the first window above 2 %
     assert "5.0%" in said[0] and "train.loader_workers" in said[0] and f"with {workers} " in said[0]
+    needed = 3 if workers == 2 else 1  # 2 / (0.95 x 0.98) = 2.15; 0.05 / (0.95 x 0.98) = 0.05
+    assert f"about {needed} worker(s) would keep up" in said[0]
+
+
+@pytest.mark.parametrize(
+    "workers, share, needed",
+    [
+        (2, 0.42, 4),  # the Qwen3-8B-width data_wait row: 2 workers, 42 % waiting
+        (2, 0.61, 6),
+        (3, 0.10, 4),
+        (8, 0.05, 9),
+        (0, 0.30, 1),  # reads inside the step: one worker takes 0.3 T per batch, under 0.7 T
+        (0, 0.60, 2),  # 0.6 T per batch > 0.4 T of compute
+        (4, 0.995, None),  # all waiting: no step time to size against
+    ],
+)
+def test_workers_to_keep_up_from_the_measured_wait(workers, share, needed):
+    assert workers_to_keep_up(workers, share) == needed
+    if needed is None:
+        return
+    # the meaning: n workers' read time per batch fits in the compute time (2 % slack), n - 1 do not
+    read, compute = (workers or share), (1 - share) * (1 - loader.WAIT_GOAL)
+    assert read / needed <= compute and (needed == 1 or read / (needed - 1) > compute)

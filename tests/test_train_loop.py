@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 
@@ -380,5 +381,6 @@ def test_loader_workers_move_the_reads_not_the_results_and_the_wait_is_logged(
     train_run(make_params(store, tmp_path / "slow", loader_workers=1, cache_gb=0, **{**kw, "max_steps": 4}))
     warnings = [ln for ln in capsys.readouterr().out.splitlines() if "warning:" in ln]
     assert len(warnings) == 1 and "train.loader_workers" in warnings[0], warnings
+    assert re.search(r"about \d+ worker\(s\) would keep up", warnings[0]), warnings
     rows = read_tsv(tmp_path / "slow" / "metrics" / "train.tsv")
     assert all(r["data_wait"] > 0.02 for r in rows), rows

@@ -102,6 +102,8 @@ class DataWait:
     With workers or on a GPU, waiting means the reads did not keep up: the first window above
     :data:`WAIT_GOAL` prints one warning naming ``train.loader_workers`` (once per run). On CPU
     with 0 workers reading is part of the step; `loader_workers` has said so and nothing warns.
+    The warning also says how many workers would keep up at the step time measured in that window
+    (:func:`workers_to_keep_up`), so the count to set does not rest on the assumed step.
     """
 
     def __init__(self, workers: int, device: torch.device, say: Callable[[str], None]) -> None:
@@ -124,9 +126,30 @@ class DataWait:
         self._wait = self._total = 0.0
         if self.should_hide_reads and share > WAIT_GOAL and not self._warned:
             self._warned = True
+            needed = workers_to_keep_up(self.workers, share)
+            estimate = (
+                f"at this step time about {needed} worker(s) would keep up; " if needed is not None else ""
+            )
             self.say(
                 f"warning: steps up to {at_step} waited {share:.1%} of their time for the next batch "
-                f"with {self.workers} DataLoader worker(s) (goal <= {WAIT_GOAL:.0%}): raise "
+                f"with {self.workers} DataLoader worker(s) (goal <= {WAIT_GOAL:.0%}): {estimate}raise "
                 f"train.loader_workers (this rank has {cores_per_rank()} CPU core(s)) or train.cache_gb"
             )
         return share
+
+
+def workers_to_keep_up(workers: int, share: float) -> int | None:
+    """DataLoader workers that would have kept the wait within :data:`WAIT_GOAL`, from a window in
+    which `workers` left the step waiting `share` (above the goal) of its wall time T (compute
+    (1 - share) T).
+
+    Waiting means the readers were the bottleneck: `workers` > 0 busy workers delivered one batch
+    per T, so one worker needs ``workers x T`` per batch; with 0 workers the batch was read inside
+    the step, in ``share x T``. Either way n workers keep up when (read time per batch) / n fits in
+    the compute time with 2 % to spare. An estimate: it assumes more workers find free cores and
+    disk bandwidth. None when the step did (almost) nothing but wait."""
+    compute = 1.0 - share
+    if compute < 0.01:
+        return None
+    read = workers if workers > 0 else share  # read time per batch, in step wall times
+    return max(1, math.ceil(read / (compute * (1 - WAIT_GOAL))))
