@@ -21,11 +21,16 @@ side in one run:
   ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS at once and the peak is
   that of the live tensors; ``--malloc adaptive`` keeps glibc's default (the RSS then also holds
   freed heap memory that fragmentation keeps from being reused, noisy from run to run).
+  ``--memory live`` measures instead the peak of the bytes held by live CPU tensors allocated
+  during the measured steps, from torch's own allocation records (``torch.profiler`` with
+  ``profile_memory``: every allocation and free, summed in order): the CPU analogue of CUDA's
+  ``max_memory_allocated``, independent of glibc (and of the mmap threshold).
   CUDA: ``torch.cuda.max_memory_allocated`` increase over the memory held before the steps.
 
 ``--unchunked`` adds a third path: all blocks at once and a single chunk of logits (no bound).
 
     OMP_NUM_THREADS=1 python benchmarks/train_memory.py                       # CPU, ~3-6 min
+    OMP_NUM_THREADS=1 python benchmarks/train_memory.py --memory live         # live tensor bytes
     python benchmarks/train_memory.py --device cuda --anchors 64,128,256,512,1024
     python benchmarks/train_memory.py --vocab 8192 --seq-len 512             # quick look
 """
@@ -58,6 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPU: glibc's mmap threshold fixed at 64 KiB (RSS follows the live tensors) or its "
         "adaptive default (RSS also holds freed, fragmented heap).",
     )
+    p.add_argument(
+        "--memory",
+        choices=("rss", "live"),
+        default="rss",
+        help="CPU: the peak RSS increase, or the peak bytes of live tensors allocated during the "
+        "steps (torch.profiler's allocation records). CUDA always: max_memory_allocated.",
+    )
     p.add_argument("--seq-len", type=int, default=1024, help="Tokens of the sample (all supervised).")
     p.add_argument("--vocab", type=int, default=49152, help="Vocabulary V (SmolLM2: 49152).")
     p.add_argument("--hidden", type=int, default=576, help="Hidden size H (SmolLM2: 576).")
@@ -81,6 +93,24 @@ def _peak_bytes(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def live_peak_bytes(events) -> int:
+    """Peak of the running sum of torch's CPU allocation records (+bytes allocated, -bytes freed)
+    in time order: the most bytes that tensors allocated inside the profiled region held at once
+    (tensors that existed before it are not counted, as CUDA's peak minus what was held before)."""
+    from torch.autograd import DeviceType
+
+    mem = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    held = peak = 0
+    for _, nbytes in mem:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
 def child(args: argparse.Namespace, setting: dict) -> dict:
@@ -165,6 +195,12 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     # CPU: the process's CPU time, which other processes on a shared machine barely disturb (one
     # thread: OMP_NUM_THREADS=1 is the documented way to run this); CUDA: wall clock
     clock = time.perf_counter if device.type == "cuda" else time.process_time
+    live = device.type == "cpu" and args.memory == "live"
+    if live:  # every allocation and free of the measured steps (it slows them: time is not comparable)
+        from torch.profiler import ProfilerActivity, profile
+
+        recorder = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        recorder.__enter__()
     seconds, losses = [], []
     for _ in range(args.repeats):
         t0 = clock()
@@ -172,10 +208,15 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(clock() - t0)
+    if live:
+        recorder.__exit__(None, None, None)
+        peak = live_peak_bytes(recorder.profiler.kineto_results.events())
+    else:
+        peak = _peak_bytes(device) - before
     return {
         **setting,
         "blocks": int(keep.sum()),
-        "step_peak_mib": (_peak_bytes(device) - before) / 2**20,
+        "step_peak_mib": peak / 2**20,
         "seconds": statistics.median(seconds),
         "loss": losses[0],
     }
@@ -213,10 +254,13 @@ def main() -> None:
         )
 
     by = {(r["num_anchors"], r["path"]): r for r in rows}
+    live = args.memory == "live" and args.device == "cpu"
+    measure = "live tensor bytes (profiler; slows the step)" if live else f"malloc {args.malloc}"
     print(
         f"\npeak memory and time of one training step (device {args.device}, S={args.seq_len}, "
         f"V={args.vocab}, H={args.hidden}, B={args.block_size}, Markov rank {args.markov_rank}, "
-        f"{args.layers} draft layer(s), chunk_blocks {args.chunk_blocks}, malloc {args.malloc}; "
+        f"{args.layers} draft layer(s), chunk_blocks {args.chunk_blocks}, "
+        f"{measure}; "
         f"s = {'wall' if args.device.startswith('cuda') else 'CPU'} seconds of the step, "
         f"median of {args.repeats})"
     )
