@@ -30,6 +30,7 @@ copies every batch into shared memory to hand it over): the CPU per batch of bot
     python benchmarks/data_wait.py                      # both (~2-4 min on 2 cores)
     python benchmarks/data_wait.py --quick              # tiny, seconds (what the test runs)
     python benchmarks/data_wait.py --configs qwen3-8b --workers 4 --step-s 0.2
+    python benchmarks/data_wait.py --configs smollm2 --chunk-tokens 256,128,64 --epochs 1
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default per config).")
     p.add_argument("--step-s", type=float, default=None, help="Drafter step seconds (default per config).")
     p.add_argument("--epochs", type=int, default=2, help="Epochs per config (the first reads the disk).")
-    p.add_argument("--chunk-tokens", type=int, default=256, help="Zarr chunk (unit of reading) in tokens.")
+    p.add_argument(
+        "--chunk-tokens",
+        default="256",
+        help="Zarr chunk (unit of reading) in tokens; a comma list measures each, side by side.",
+    )
     p.add_argument("--quick", action="store_true", help="A tiny store, seconds.")
     return p.parse_args(argv)
 
@@ -244,52 +249,66 @@ def _patched_batch_tensor(fn):
 
 def run(args) -> list[Result]:
     names = ["tiny"] if args.quick else args.configs.split(",")
+    chunks = [int(c) for c in str(args.chunk_tokens).split(",")]
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="data-wait-"))
     base.mkdir(parents=True, exist_ok=True)
-    out = []
+    out: list[Result] = []
     try:
         for name in names:
-            hidden, layers, top_k, samples, lo, hi, micro, workers, step_s, cache_gb = CONFIGS[name]
-            workers = workers if args.workers is None else args.workers
-            step_s = step_s if args.step_s is None else args.step_s
-            lengths = np.random.default_rng(1).integers(lo, hi + 1, samples)
-            t0 = time.perf_counter()
-            path = make_store(
-                base / f"{name}.zarr", hidden, layers, top_k, lengths, chunk_tokens=args.chunk_tokens
-            )
-            size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-            print(
-                f"# {name}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
-                f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
-                f"workers, step {step_s} s, cache {cache_gb} GiB, chunk {args.chunk_tokens} tokens",
-                flush=True,
-            )
-            variants = [(name, None)]
-            if workers > 0 and not args.quick:  # side by side: collate copying the batch to shared memory
-                variants.append((f"{name} (copying collate)", _copying_batch_tensor))
-            for label, patch in variants:
-                evict(path)
-                with _patched_batch_tensor(patch):
-                    epochs, cpu_per_batch = drive(path, micro, workers, step_s, cache_gb, args.epochs)
-                for e, (wait, total, steps) in enumerate(epochs):
-                    r = Result(label, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
+            first = None
+            for chunk in chunks:
+                label = name if len(chunks) == 1 else f"{name} (chunk {chunk})"
+                rows = measure_store(args, base, name, label, chunk)
+                out += rows
+                first = first or rows[0]
+                if rows[0] is not first:  # side by side: other chunk sizes against the first
                     print(
-                        f"  {label} epoch {e + 1}: waiting {wait / total:.1%} of the step time "
-                        f"({wait:.2f} of {total:.1f} s, {steps} steps); "
-                        f"loader CPU {cpu_per_batch * 1e3:.0f} ms/batch",
+                        f"  loader CPU per batch, chunk {chunk} / chunk {chunks[0]}: "
+                        f"{rows[0].cpu_per_batch_s / first.cpu_per_batch_s:.2f}x",
                         flush=True,
                     )
-                    out.append(r)
-            if len(variants) > 1:
-                a, b = out[-1].cpu_per_batch_s, out[-1 - len(epochs)].cpu_per_batch_s
-                print(
-                    f"  loader CPU per batch, copying collate / shared-memory collate: {a / b:.2f}x",
-                    flush=True,
-                )
-            shutil.rmtree(path)
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def measure_store(args, base: Path, name: str, label: str, chunk: int) -> list[Result]:
+    """One synthetic store of config `name` with `chunk`-token chunks, driven by every variant."""
+    hidden, layers, top_k, samples, lo, hi, micro, workers, step_s, cache_gb = CONFIGS[name]
+    workers = workers if args.workers is None else args.workers
+    step_s = step_s if args.step_s is None else args.step_s
+    lengths = np.random.default_rng(1).integers(lo, hi + 1, samples)
+    t0 = time.perf_counter()
+    path = make_store(base / f"{name}-{chunk}.zarr", hidden, layers, top_k, lengths, chunk_tokens=chunk)
+    size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    print(
+        f"# {label}: {samples} samples, {int(lengths.sum())} tokens, {size / 2**20:.0f} MiB on disk "
+        f"(written in {time.perf_counter() - t0:.0f} s); micro batch {micro}, {workers} loader "
+        f"workers, step {step_s} s, cache {cache_gb} GiB, chunk {chunk} tokens",
+        flush=True,
+    )
+    variants = [(label, None)]
+    if workers > 0 and not args.quick:  # side by side: collate copying the batch to shared memory
+        variants.append((f"{label} (copying collate)", _copying_batch_tensor))
+    out = []
+    for variant, patch in variants:
+        evict(path)
+        with _patched_batch_tensor(patch):
+            epochs, cpu_per_batch = drive(path, micro, workers, step_s, cache_gb, args.epochs)
+        for e, (wait, total, steps) in enumerate(epochs):
+            r = Result(variant, e + 1, workers, step_s, steps, wait, total, cpu_per_batch)
+            print(
+                f"  {variant} epoch {e + 1}: waiting {wait / total:.1%} of the step time "
+                f"({wait:.2f} of {total:.1f} s, {steps} steps); "
+                f"loader CPU {cpu_per_batch * 1e3:.0f} ms/batch",
+                flush=True,
+            )
+            out.append(r)
+    if len(variants) > 1:
+        a, b = out[-1].cpu_per_batch_s, out[0].cpu_per_batch_s
+        print(f"  loader CPU per batch, copying collate / shared-memory collate: {a / b:.2f}x", flush=True)
+    shutil.rmtree(path)
     return out
 
 

@@ -130,6 +130,15 @@ def test_data_wait_benchmark_times_next_against_the_step(capsys):
         assert float(cpu) > 0 and int(need) >= 1
 
 
+def test_data_wait_benchmark_compares_chunk_sizes_in_one_run(capsys):
+    bench = load_benchmark("data_wait")
+    assert bench.main(["--quick", "--chunk-tokens", "32,16", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = _table(out, "data wait")
+    assert [r[0] for r in rows] == ["tiny (chunk 32)", "tiny (chunk 16)"]
+    assert re.search(r"loader CPU per batch, chunk 16 / chunk 32: [\d.]+x", out)
+
+
 def test_data_wait_with_no_step_is_all_waiting(tmp_path):
     bench = load_benchmark("data_wait")
     import numpy as np
