@@ -72,6 +72,23 @@ def test_tensorstore_engine_writes_the_zarr_engines_store(
         assert records[key] == records["zarr", 1], key
 
 
+@pytest.mark.skipif(not tensorstore_engine.available(), reason="the optional `tensorstore` extra")
+def test_tensorstore_engine_writes_several_parts_in_one_process(tiny_llama_dir, make_prepared, tmp_path):
+    """One process writing 2 parts in turn through one tensorstore pool (its opened arrays are
+    kept per part): the zarr engine's store, byte for byte."""
+    prepared = make_prepared(24, seed=7)
+    stores = {}
+    for engine in ("zarr", "tensorstore"):
+        path = tmp_path / f"{engine}.zarr"
+        over = {"shard_tokens": 48, "num_parts": 2, "writer_engine": engine}
+        dump.run(make_params(tiny_llama_dir, prepared, path, **over))
+        assert verify(str(path)) == []
+        stores[engine] = _files(path)
+    ours, theirs = stores["zarr"], stores["tensorstore"]
+    assert any(k.startswith("part-00001/hidden/c/") for k in ours)
+    assert theirs.keys() == ours.keys() and [k for k in ours if ours[k] != theirs[k]] == []
+
+
 def test_tensorstore_engine_not_installed_exits_2(
     tiny_llama_dir, make_prepared, tmp_path, monkeypatch, capsys
 ):

@@ -161,7 +161,7 @@ class TensorstorePool:
         require_installed()
         self.owner, self.workers, self.max_pending = owner, workers, max_pending
         self._ctx = context(workers)
-        self._opened: dict[int, dict] = {}  # id(part) -> name -> tensorstore handle
+        self._opened: dict[str, dict] = {}  # part name -> array name -> tensorstore handle
         self._cv = threading.Condition()
         self._queue: collections.deque = collections.deque()  # (part, shard, arrays) not yet committing
         self._held = 0  # shards handed over by `submit` and not yet recorded or dropped
@@ -176,7 +176,7 @@ class TensorstorePool:
     def _open(self, part: PartState) -> dict:
         """The part's feature arrays, opened once (on the caller's thread: a layout that differs
         from the manifest's fails before any shard is computed)."""
-        handles = self._opened.get(id(part))
+        handles = self._opened.get(part.name)
         if handles is None:
             import tensorstore as ts
 
@@ -192,7 +192,7 @@ class TensorstorePool:
                     raise StoreError(
                         f"{part.name}/{name}: tensorstore cannot open it as the manifest's layout: {e}"
                     ) from e
-            self._opened[id(part)] = handles
+            self._opened[part.name] = handles
         return handles
 
     def buffers(self, part: PartState, shard: ShardPlan) -> dict[str, np.ndarray]:
@@ -262,7 +262,7 @@ class TensorstorePool:
         t0 = time.perf_counter()
         try:
             txn = ts.Transaction()
-            handles = self._opened[id(part)]
+            handles = self._opened[part.name]
             staged = [
                 handles[name]
                 .with_transaction(txn)[shard.start : shard.stop]
