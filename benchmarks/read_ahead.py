@@ -131,8 +131,7 @@ def run_one(variant: str, args, out: Path) -> dict:
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"{variant} run failed (exit {done.returncode}); see {out}.log")
-    summary = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
-    epoch_steps = int(summary.get("plan", {}).get("steps_per_epoch", args.steps))
+    epoch_steps = int(json.loads((out / "metrics.json").read_text())["plan"]["steps_per_epoch"])
     return {"variant": variant, "wall_s": wall, **summarize(train_log(out), epoch_steps)}
 
 

@@ -115,7 +115,10 @@ def live_peak_bytes(events) -> int:
 
 def child(args: argparse.Namespace, setting: dict) -> dict:
     """One measured training step in this (fresh) process."""
+    from contextlib import nullcontext
+
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from dspark_offline.config import TrainConfig
     from dspark_offline.model import (
@@ -196,20 +199,17 @@ def child(args: argparse.Namespace, setting: dict) -> dict:
     # thread: OMP_NUM_THREADS=1 is the documented way to run this); CUDA: wall clock
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     live = device.type == "cpu" and args.memory == "live"
-    if live:  # every allocation and free of the measured steps (it slows them: time is not comparable)
-        from torch.profiler import ProfilerActivity, profile
-
-        recorder = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        recorder.__enter__()
+    # --memory live records every allocation and free of the measured steps (slower: time is not comparable)
+    recorder = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if live else nullcontext()
     seconds, losses = [], []
-    for _ in range(args.repeats):
-        t0 = clock()
-        losses.append(step(anchors, keep))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(clock() - t0)
+    with recorder:
+        for _ in range(args.repeats):
+            t0 = clock()
+            losses.append(step(anchors, keep))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(clock() - t0)
     if live:
-        recorder.__exit__(None, None, None)
         peak = live_peak_bytes(recorder.profiler.kineto_results.events())
     else:
         peak = _peak_bytes(device) - before

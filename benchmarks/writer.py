@@ -341,17 +341,17 @@ def run(args) -> list[Row]:
                 f"{per_token * tokens / 2**20:.0f} MiB, {shards} shards per measurement",
                 flush=True,
             )
+            layout = None  # our part's zarr.json + shard objects: the same for every writer count
             for n in workers:
                 raw, raw_cpu = measure_raw(base / f"raw-{name}-{n}", data, shards, n)
-                layout = None
                 for engine in which:
                     where = base / f"{engine}-{name}-{n}.zarr"
                     if engine == "ours":
                         mb_s, mb_cpu, disk, layout = measure_writer(where, m, data, shards, n)
-                    elif engine == "dump-tensorstore":
+                    elif layout is None:  # our layout to compare with, untimed
+                        *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)
+                    if engine == "dump-tensorstore":
                         mb_s, mb_cpu, disk, theirs = measure_writer(where, m, data, shards, n, "tensorstore")
-                        if layout is None:  # our layout to compare with, untimed
-                            *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)
                         if theirs != layout:
                             raise BenchError(
                                 f"{engine}'s part at {where} differs from ours: {theirs} vs {layout}"
@@ -360,9 +360,7 @@ def run(args) -> list[Row]:
                             f"    {engine} check: zarr.json and shard objects byte-identical to ours",
                             flush=True,
                         )
-                    else:
-                        if layout is None:  # our layout to compare with, untimed
-                            *_, layout = measure_writer(base / f"layout-{name}.zarr", m, data, shards, 1)
+                    elif engine == "tensorstore":
                         mb_s, mb_cpu, disk = measure_tensorstore(
                             where, m, data, shards, n, layout, args.quick
                         )
